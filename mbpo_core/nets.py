@@ -1,0 +1,62 @@
+"""Batched MLPs: E independent networks held as [E, in, out] weights, run with one bmm per layer.
+
+Used for the dynamics ensemble (E = ensemble size) and SAC's twin critics (E = 2): every member
+sees its own input batch ``x [E, B, in]`` and all members advance together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class BatchedLinear(nn.Module):
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_features))
+
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
+                detach: bool = False) -> torch.Tensor:
+        """``x [E, B, in]``; with ``members`` (indices), only those members run: ``x [len, B, in]``.
+
+        ``detach`` uses the weights as constants: gradients flow to ``x`` only."""
+        w, b = self.weight, self.bias
+        if detach:
+            w, b = w.detach(), b.detach()
+        if members is not None:
+            w, b = w[members], b[members]
+        return torch.baddbmm(b, x, w)
+
+    def reset_uniform(self, generator: torch.Generator) -> None:
+        """PyTorch's ``nn.Linear`` default init, per member (what SAC ports use)."""
+        bound = 1.0 / math.sqrt(self.weight.shape[1])
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound, generator=generator)
+            self.bias.uniform_(-bound, bound, generator=generator)
+
+    def reset_truncated_normal(self, generator: torch.Generator) -> None:
+        """The original MBPO's init: truncated normal, std 1/(2 sqrt(in)), zero bias."""
+        std = 1.0 / (2.0 * math.sqrt(self.weight.shape[1]))
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+            self.bias.zero_()
+
+
+class BatchedMLP(nn.Module):
+    """``layers`` hidden layers of ``hidden`` units with ``activation``; linear output."""
+
+    def __init__(self, members: int, in_features: int, out_features: int, hidden: int,
+                 layers: int, activation: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        sizes = [in_features] + [hidden] * layers + [out_features]
+        self.layers = nn.ModuleList(BatchedLinear(members, a, b) for a, b in zip(sizes, sizes[1:]))
+        self.act = activation()
+
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
+                detach: bool = False) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x, members, detach))
+        return self.layers[-1](x, members, detach)

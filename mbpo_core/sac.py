@@ -1,0 +1,163 @@
+"""Soft Actor-Critic with a tanh-Gaussian actor, twin critics run as one batched pair, target
+critics, and automatic entropy tuning.
+
+By default the critic, actor and temperature losses are all taken at the pre-update parameters
+and stepped together, as softlearning (the SAC inside the original MBPO code) does in one
+``session.run``; ``sequential=True`` gives the critic-then-actor order of PyTorch ports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import SACConfig
+from .nets import BatchedMLP
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_LOG2 = math.log(2.0)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.net = BatchedMLP(1, obs_dim, 2 * act_dim, hidden, layers, nn.ReLU)
+        for layer in self.net.layers:
+            layer.reset_uniform(generator)
+
+    def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized tanh-Gaussian action in [-1, 1] and its log-probability."""
+        mean, log_std = self.dist_params(obs)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = mean + log_std.exp() * eps
+        # log N(u) - log |d tanh(u)/du|, the latter in the stable form 2 (log 2 - u - softplus(-2u))
+        logp = (-0.5 * eps.pow(2) - log_std - _HALF_LOG_2PI
+                - 2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), logp
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, generator: torch.Generator | None = None,
+            deterministic: bool = False) -> torch.Tensor:
+        if deterministic:
+            return torch.tanh(self.dist_params(obs)[0])
+        assert generator is not None, "stochastic actions need a generator"
+        return self.sample(obs, generator)[0]
+
+
+class TwinCritic(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, nn.ReLU)
+        for layer in self.net.layers:
+            layer.reset_uniform(generator)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        """Both Q values, [2, B]; ``detach`` lets gradients reach the action but not the weights."""
+        x = torch.cat([obs, act], dim=-1)
+        return self.net(x.unsqueeze(0).expand(2, -1, -1), detach=detach).squeeze(-1)
+
+
+@dataclass
+class UpdateStats:
+    critic_loss: float
+    actor_loss: float
+    alpha: float
+    entropy: float
+    q_mean: float
+
+
+class SAC(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, cfg: SACConfig, generator: torch.Generator,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.actor = Actor(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers, generator)
+        self.critic = TwinCritic(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers,
+                                 generator)
+        self.critic_target = TwinCritic(obs_dim, act_dim, cfg.hidden_size,
+                                        cfg.num_hidden_layers, generator)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))
+        self.to(device)
+        fused = torch.device(device).type in ("cpu", "cuda")
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, fused=fused)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, fused=fused)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr, fused=fused)
+        self.updates = 0
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+
+    def update(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
+               next_obs: torch.Tensor, done: torch.Tensor, generator: torch.Generator
+               ) -> torch.Tensor:
+        """One gradient step on a batch; returns detached stats [critic, actor, alpha, H, Q]."""
+        cfg = self.cfg
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            next_act, next_logp = self.actor.sample(next_obs, generator)
+            q_next = self.critic_target(next_obs, next_act).min(0).values - alpha * next_logp
+            target = rew + cfg.gamma * (1.0 - done) * q_next
+        q = self.critic(obs, act)
+        critic_loss = 0.5 * (q - target).pow(2).mean(1).sum()
+        if cfg.sequential:
+            self.critic_opt.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            self.critic_opt.step()
+        new_act, logp = self.actor.sample(obs, generator)
+        # Q of the policy's action with the critic weights held constant: the actor loss moves
+        # only the actor, so one backward pass of the summed losses gives every gradient.
+        q_pi = self.critic(obs, new_act, detach=True).min(0).values
+        actor_loss = (alpha * logp - q_pi).mean()
+        alpha_loss = -(self.log_alpha * (logp.detach() + cfg.target_entropy)).mean()
+        total = actor_loss + alpha_loss
+        opts = [self.actor_opt, self.alpha_opt]
+        if not cfg.sequential:
+            total = total + critic_loss
+            opts.append(self.critic_opt)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in opts:
+            opt.step()
+        self.updates += 1
+        if self.updates % cfg.target_update_interval == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
+        return torch.stack([critic_loss.detach(), actor_loss.detach(), alpha,
+                            -logp.detach().mean(), q.detach().mean()])
+
+    # -- exact state ---------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": self.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": self.alpha_opt.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["modules"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.alpha_opt.load_state_dict(state["alpha_opt"])
+        self.updates = int(state["updates"])
+
+
+def stats_from_tensor(t: torch.Tensor) -> UpdateStats:
+    c, a, al, h, q = t.tolist()
+    return UpdateStats(c, a, al, h, q)

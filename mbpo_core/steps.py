@@ -1,0 +1,246 @@
+"""The five MBPO steps as plain functions over explicit state objects.
+
+``collect -> fit_ensemble -> imagine -> update_sac -> evaluate`` make one round. The in-process
+trainer and the pipeline components call these same functions; every object they hand on has
+an exact ``state_dict`` / ``from_state_dict`` so a round can run in another process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ensemble as ens
+from .buffer import ReplayBuffer, mixed_batch
+from .config import MBPOConfig
+from .envs import ENV_SPECS, get_env_state, make_env, set_env_state, to_env_action
+from .sac import SAC, Actor
+from .termination import termination_fn
+
+log = logging.getLogger(__name__)
+
+# Independent random streams of one run, derived from its seed (order is part of the format).
+STREAMS = ("env", "collect", "dynamics", "rollout", "agent")
+
+
+def stream_seeds(seed: int) -> dict[str, int]:
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: int(c.generate_state(1, np.uint32)[0]) for name, c in zip(STREAMS, children)}
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def generator_from_state(state: torch.Tensor, device: str | torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.set_state(state)
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# collect
+# --------------------------------------------------------------------------------------------
+class Collector:
+    """A real env with an episode in progress; it survives between rounds through its state."""
+
+    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
+        seeds = stream_seeds(cfg.seed)
+        self.cfg, self.device = cfg, torch.device(device)
+        self.env = make_env(cfg.env, seeds["env"], cfg.max_episode_steps)
+        self.obs, _ = self.env.reset()
+        self.generator = make_generator(seeds["collect"], device)
+        self.episode_return, self.episode_length = 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"env": get_env_state(self.env), "obs": torch.from_numpy(self.obs.copy()),
+                "generator": self.generator.get_state(), "episode_return": self.episode_return,
+                "episode_length": self.episode_length}
+
+    @classmethod
+    def from_state_dict(cls, cfg: MBPOConfig, state: dict[str, Any],
+                        device: str | torch.device = "cpu") -> Collector:
+        c = cls(cfg, device)
+        set_env_state(c.env, state["env"])
+        c.obs = state["obs"].numpy().copy()
+        c.generator = generator_from_state(state["generator"], device)
+        c.episode_return = float(state["episode_return"])
+        c.episode_length = int(state["episode_length"])
+        return c
+
+
+@dataclass
+class CollectResult:
+    rows: torch.Tensor                      # [n, 2*obs+act+2] real transitions
+    episodes: list[tuple[float, int]] = field(default_factory=list)  # finished (return, length)
+
+
+def collect(collector: Collector, actor: Actor | None, n_steps: int) -> CollectResult:
+    """``n_steps`` env steps: uniform random actions when ``actor`` is None, else the stochastic
+    policy. A finished episode resets; an unfinished one continues in the next call."""
+    act_dim = collector.env.action_space.shape[0]
+    rows = np.empty((n_steps, 2 * collector.obs.shape[0] + act_dim + 2))
+    episodes: list[tuple[float, int]] = []
+    for i in range(n_steps):
+        obs = collector.obs
+        if actor is None:
+            a = torch.rand(act_dim, generator=collector.generator, device=collector.device) * 2 - 1
+        else:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=collector.device)[None]
+            a = actor.act(obs_t, collector.generator)[0]
+        a = a.cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = collector.env.step(to_env_action(collector.env, a))
+        rows[i] = np.concatenate([obs, a, [reward], next_obs, [float(terminated)]])
+        collector.episode_return += float(reward)
+        collector.episode_length += 1
+        if terminated or truncated:
+            episodes.append((collector.episode_return, collector.episode_length))
+            collector.episode_return, collector.episode_length = 0.0, 0
+            next_obs, _ = collector.env.reset()
+        collector.obs = next_obs
+    return CollectResult(torch.as_tensor(rows, dtype=torch.float32), episodes)
+
+
+# --------------------------------------------------------------------------------------------
+# fit_ensemble
+# --------------------------------------------------------------------------------------------
+class Dynamics:
+    """The ensemble with what its training carries over: optimizer moments and RNG."""
+
+    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
+        spec = ENV_SPECS[cfg.env]
+        self.generator = make_generator(stream_seeds(cfg.seed)["dynamics"], device)
+        init_gen = make_generator(stream_seeds(cfg.seed)["dynamics"] + 1)
+        self.model = ens.GaussianEnsemble(spec.obs_dim, spec.act_dim, cfg.ensemble, init_gen)
+        self.model.to(device)
+        self.optimizer = ens.make_optimizer(self.model)
+        self.device = torch.device(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    @classmethod
+    def from_state_dict(cls, cfg: MBPOConfig, state: dict[str, Any],
+                        device: str | torch.device = "cpu") -> Dynamics:
+        d = cls(cfg, device)
+        d.model.load_state_dict(state["model"])
+        d.optimizer.load_state_dict(state["optimizer"])
+        d.generator = generator_from_state(state["generator"], device)
+        return d
+
+
+def fit_ensemble(dynamics: Dynamics, real: ReplayBuffer) -> ens.FitResult:
+    """Fit on every real transition (training split + holdout), warm-starting from the last fit."""
+    batch = real.split(real.rows())
+    inputs, targets = ens.make_training_data(batch.obs, batch.act, batch.rew, batch.next_obs)
+    return ens.fit(dynamics.model, dynamics.optimizer, inputs, targets, dynamics.generator)
+
+
+# --------------------------------------------------------------------------------------------
+# imagine
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ImagineResult:
+    rows: torch.Tensor
+    rollout_length: int
+    mean_steps: float   # average imagined steps per start state (termination shortens rollouts)
+
+
+@torch.no_grad()
+def imagine(cfg: MBPOConfig, dynamics: Dynamics, actor: Actor, real: ReplayBuffer,
+            rollout_length: int, generator: torch.Generator) -> ImagineResult:
+    """Branched rollouts of ``rollout_length`` steps from ``rollout.batch_size`` real states."""
+    term = termination_fn(cfg.env)
+    start = real.sample_rows(cfg.rollout.batch_size, generator)
+    obs = real.split(start).obs
+    chunks = []
+    for _ in range(rollout_length):
+        act = actor.sample(obs, generator)[0]
+        rew, next_obs = dynamics.model.sample_next(obs, act, generator)
+        done = term(obs, act, next_obs)
+        chunks.append(torch.cat([obs, act, rew[:, None], next_obs, done[:, None].to(obs.dtype)], 1))
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        obs = next_obs[keep]
+    rows = torch.cat(chunks)
+    return ImagineResult(rows, rollout_length, rows.shape[0] / cfg.rollout.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# update_sac
+# --------------------------------------------------------------------------------------------
+class Agent:
+    """SAC with its optimizers and the RNG it samples batches and actions with."""
+
+    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
+        spec = ENV_SPECS[cfg.env]
+        seed = stream_seeds(cfg.seed)["agent"]
+        self.sac = SAC(spec.obs_dim, spec.act_dim, cfg.sac, make_generator(seed + 1), device)
+        self.generator = make_generator(seed, device)
+
+    @property
+    def actor(self) -> Actor:
+        return self.sac.actor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sac": self.sac.full_state_dict(), "generator": self.generator.get_state()}
+
+    @classmethod
+    def from_state_dict(cls, cfg: MBPOConfig, state: dict[str, Any],
+                        device: str | torch.device = "cpu") -> Agent:
+        a = cls(cfg, device)
+        a.sac.load_full_state_dict(state["sac"])
+        a.generator = generator_from_state(state["generator"], device)
+        return a
+
+
+def update_sac(cfg: MBPOConfig, agent: Agent, real: ReplayBuffer, model_data: ReplayBuffer,
+               n_updates: int) -> dict[str, float]:
+    """``n_updates`` SAC steps on mixed batches (``real_ratio`` real); mean stats over them."""
+    if n_updates == 0:
+        return {}
+    total = torch.zeros(5)
+    sac, g = agent.sac, agent.generator
+    for _ in range(n_updates):
+        rows = mixed_batch(real, model_data, cfg.sac.batch_size, cfg.sac.real_ratio, g)
+        b = real.split(rows)
+        total += sac.update(b.obs, b.act, b.rew, b.next_obs, b.done, g)
+    c, a, al, h, q = (total / n_updates).tolist()
+    return {"critic_loss": c, "actor_loss": a, "alpha": al, "entropy": h, "q_mean": q}
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(cfg: MBPOConfig, actor: Actor, env_steps: int,
+             device: str | torch.device = "cpu") -> tuple[float, float, list[float]]:
+    """Deterministic-policy returns over ``eval_episodes`` episodes on a fresh env.
+
+    The eval env's seed derives from the run seed and the env-step count, so evaluation needs no
+    carried state and never touches the training env."""
+    if cfg.eval_episodes == 0:
+        return float("nan"), float("nan"), []
+    seed = (stream_seeds(cfg.seed)["env"] + 7919 * (env_steps + 1)) % (2**31 - 1)
+    env = make_env(cfg.env, seed, cfg.max_episode_steps)
+    returns = []
+    for _ in range(cfg.eval_episodes):
+        obs, _ = env.reset()
+        done, ret = False, 0.0
+        while not done:
+            a = actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+                          deterministic=True)[0].cpu().numpy()
+            obs, r, terminated, truncated, _ = env.step(to_env_action(env, a))
+            ret += float(r)
+            done = terminated or truncated
+        returns.append(ret)
+    env.close()
+    return float(np.mean(returns)), float(np.std(returns)), returns

@@ -1,0 +1,158 @@
+"""The in-process MBPO loop (``mbpo train``): one round = collect, fit, imagine, update, evaluate.
+
+It keeps the states in memory and calls the same step functions the pipeline runs in separate
+processes; ``state_dict`` / ``from_state_dict`` capture everything, so a run split at any round
+boundary equals an unsplit one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .buffer import ReplayBuffer
+from .config import MBPOConfig
+from .envs import ENV_SPECS
+from .steps import (Agent, Collector, Dynamics, generator_from_state, collect, evaluate,
+                    fit_ensemble, imagine, make_generator, stream_seeds, update_sac)
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class MBPOTrainer:
+    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
+        spec = ENV_SPECS[cfg.env]
+        self.cfg, self.device = cfg, torch.device(device)
+        self.collector = Collector(cfg, device)
+        self.real = ReplayBuffer(cfg.real_buffer_size, spec.obs_dim, spec.act_dim, device)
+        self.model_data = ReplayBuffer(cfg.model_buffer_capacity(cfg.rollout_length(0)),
+                                       spec.obs_dim, spec.act_dim, device)
+        self.dynamics = Dynamics(cfg, device)
+        self.agent = Agent(cfg, device)
+        self.rollout_generator = make_generator(stream_seeds(cfg.seed)["rollout"], device)
+        self.env_steps = 0
+        self.round = 0
+        self.curve: list[list[float]] = []
+
+    # -- one round -------------------------------------------------------------------------
+    def next_round_steps(self) -> int:
+        return self.cfg.init_steps if self.env_steps == 0 else self.cfg.steps_per_round
+
+    def run_round(self, max_env_steps: int | None = None) -> dict[str, float]:
+        cfg, timings = self.cfg, {}
+        n = self.next_round_steps()
+        if max_env_steps is not None:
+            n = min(n, max_env_steps - self.env_steps)
+        if n <= 0:
+            raise ValueError(f"no env steps left in this round (env_steps={self.env_steps})")
+
+        t = time.perf_counter()
+        warmup = self.env_steps < cfg.init_steps
+        res = collect(self.collector, None if warmup else self.agent.actor, n)
+        self.real.add_rows(res.rows.to(self.device))
+        self.env_steps += n
+        timings["collect"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        fit = fit_ensemble(self.dynamics, self.real)
+        timings["fit_ensemble"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        k = cfg.rollout_length(self.env_steps)
+        self.model_data.resize(cfg.model_buffer_capacity(k))
+        dream = imagine(cfg, self.dynamics, self.agent.actor, self.real, k, self.rollout_generator)
+        self.model_data.add_rows(dream.rows)
+        timings["imagine"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        sac = update_sac(cfg, self.agent, self.real, self.model_data,
+                         cfg.sac.updates_per_step * cfg.steps_per_round)
+        timings["update_sac"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mean, std, _ = evaluate(cfg, self.agent.actor, self.env_steps, self.device)
+        timings["evaluate"] = time.perf_counter() - t
+        self.curve.append([self.env_steps, mean, std])
+        self.round += 1
+
+        finite_mse = [m for m in fit.holdout_mse if math.isfinite(m)]
+        metrics = {
+            "eval/return_mean": mean,
+            "eval/return_std": std,
+            "model/train_loss": fit.train_loss,
+            "model/holdout_mse": sum(finite_mse) / max(len(finite_mse), 1),
+            "model/elite_holdout_mse": fit.elite_holdout_mse,
+            "model/epochs": float(fit.epochs),
+            "rollout/length": float(k),
+            "rollout/mean_steps": dream.mean_steps,
+            "rollout/model_buffer_size": float(len(self.model_data)),
+            "buffer/real_size": float(len(self.real)),
+            **{f"sac/{name}": value for name, value in sac.items()},
+            **{f"time/{name}_s": value for name, value in timings.items()},
+        }
+        if res.episodes:
+            metrics["train/episode_return"] = sum(r for r, _ in res.episodes) / len(res.episodes)
+        return metrics
+
+    def train(self, total_steps: int, sink: MetricsSink | None = None,
+              progress: bool = True) -> list[list[float]]:
+        """Rounds until ``total_steps`` env steps; returns the eval curve [[steps, mean, std]]."""
+        from tqdm.auto import tqdm
+
+        if total_steps < 1:
+            raise ValueError(f"total_steps = {total_steps} must be >= 1")
+        with tqdm(total=total_steps, initial=min(self.env_steps, total_steps), unit="step",
+                  desc=self.cfg.env, disable=not progress, dynamic_ncols=True) as bar:
+            while self.env_steps < total_steps:
+                before = self.env_steps
+                metrics = self.run_round(total_steps)
+                bar.update(self.env_steps - before)
+                bar.set_postfix(ret=f"{metrics['eval/return_mean']:.1f}",
+                                k=int(metrics["rollout/length"]))
+                log.info("round %d env_steps %d eval %.1f +- %.1f", self.round, self.env_steps,
+                         metrics["eval/return_mean"], metrics["eval/return_std"])
+                if sink is not None:
+                    sink(metrics, self.env_steps)
+        return self.curve
+
+    # -- exact state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "env_steps": self.env_steps,
+            "round": self.round,
+            "curve": [list(p) for p in self.curve],
+            "collector": self.collector.state_dict(),
+            "real": self.real.state_dict(),
+            "model_data": self.model_data.state_dict(),
+            "dynamics": self.dynamics.state_dict(),
+            "agent": self.agent.state_dict(),
+            "rollout_generator": self.rollout_generator.get_state(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: str | torch.device = "cpu"
+                        ) -> MBPOTrainer:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state format {state.get('format')!r} is not supported; "
+                             f"this code reads format {STATE_FORMAT}")
+        cfg = MBPOConfig.from_dict(state["config"])
+        t = cls(cfg, device)
+        t.env_steps, t.round = int(state["env_steps"]), int(state["round"])
+        t.curve = [list(p) for p in state["curve"]]
+        t.collector = Collector.from_state_dict(cfg, state["collector"], device)
+        t.real = ReplayBuffer.from_state_dict(state["real"], device)
+        t.model_data = ReplayBuffer.from_state_dict(state["model_data"], device)
+        t.dynamics = Dynamics.from_state_dict(cfg, state["dynamics"], device)
+        t.agent = Agent.from_state_dict(cfg, state["agent"], device)
+        t.rollout_generator = generator_from_state(state["rollout_generator"], device)
+        return t
