@@ -76,6 +76,8 @@ class SACConfig:
     target_update_interval: int = _spec(1, lo=1, hi=10_000)
     sequential: bool = _spec(False, doc="critic-then-actor updates (pytorch SAC ports) instead of "
                                         "simultaneous ones (softlearning, used by jannerm/mbpo)")
+    compile: bool = _spec(False, doc="torch.compile the SAC losses: same math, faster updates "
+                                     "after a one-off compile of ~30 s")
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,15 @@ class Actor(nn.Module):
         mean, log_std = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
-    def sample(self, obs: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reparameterized tanh-Gaussian action in [-1, 1] and its log-probability."""
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized tanh-Gaussian action in [-1, 1] and its log-probability.
+
+        The standard-normal noise comes from ``generator``, or is given as ``eps``."""
         mean, log_std = self.dist_params(obs)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device,
+                              dtype=mean.dtype)
         u = mean + log_std.exp() * eps
         # log N(u) - log |d tanh(u)/du|, the latter in the stable form 2 (log 2 - u - softplus(-2u))
         logp = (-0.5 * eps.pow(2) - log_std - _HALF_LOG_2PI
@@ -81,7 +85,7 @@ class UpdateStats:
 
 class SAC(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, cfg: SACConfig, generator: torch.Generator,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", compile: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.actor = Actor(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers, generator)
@@ -100,45 +104,78 @@ class SAC(nn.Module):
         self.updates = 0
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
+        # torch.compile fuses the elementwise work around the matmuls (same math, same order)
+        self._loss_fn = torch.compile(self._losses, dynamic=False) if compile else self._losses
+
+    def _critic_loss(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
+                     next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Twin-critic soft Bellman loss (0.5 MSE each) and the mean Q."""
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            next_act, next_logp = self.actor.sample(next_obs, eps=eps)
+            q_next = self.critic_target(next_obs, next_act).min(0).values - alpha * next_logp
+            target = rew + self.cfg.gamma * (1.0 - done) * q_next
+        q = self.critic(obs, act)
+        return 0.5 * (q - target).pow(2).mean(1).sum(), q.detach().mean()
+
+    def _policy_loss(self, obs: torch.Tensor, eps: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Actor + temperature loss, the actor loss alone, and the policy entropy estimate.
+
+        Q of the policy's action uses the critic weights as constants: the actor loss moves only
+        the actor, so one backward pass over a sum of losses gives every gradient."""
+        alpha = self.log_alpha.detach().exp()
+        new_act, logp = self.actor.sample(obs, eps=eps)
+        q_pi = self.critic(obs, new_act, detach=True).min(0).values
+        actor_loss = (alpha * logp - q_pi).mean()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.cfg.target_entropy)).mean()
+        return actor_loss + alpha_loss, actor_loss.detach(), -logp.detach().mean()
+
+    def _losses(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
+                next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All losses at the current parameters (softlearning's simultaneous update), summed,
+        and the stats [critic, actor, alpha, entropy, Q]. A pure function of its tensors (the
+        policy noise ``eps [2, B, A]`` comes in), so it can be compiled."""
+        critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0])
+        policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1])
+        stats = torch.stack([critic_loss.detach(), actor_loss, self.log_alpha.detach().exp(),
+                             entropy, q_mean])
+        return critic_loss + policy_loss, stats
 
     def update(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
                next_obs: torch.Tensor, done: torch.Tensor, generator: torch.Generator
                ) -> torch.Tensor:
         """One gradient step on a batch; returns detached stats [critic, actor, alpha, H, Q]."""
         cfg = self.cfg
-        alpha = self.log_alpha.detach().exp()
-        with torch.no_grad():
-            next_act, next_logp = self.actor.sample(next_obs, generator)
-            q_next = self.critic_target(next_obs, next_act).min(0).values - alpha * next_logp
-            target = rew + cfg.gamma * (1.0 - done) * q_next
-        q = self.critic(obs, act)
-        critic_loss = 0.5 * (q - target).pow(2).mean(1).sum()
-        if cfg.sequential:
+        eps = torch.randn((2, *act.shape), generator=generator, device=act.device,
+                          dtype=act.dtype)
+        if cfg.sequential:  # critic step first; the actor then sees the updated critic
+            alpha = self.log_alpha.detach().exp()
+            critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0])
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.backward()
             self.critic_opt.step()
-        new_act, logp = self.actor.sample(obs, generator)
-        # Q of the policy's action with the critic weights held constant: the actor loss moves
-        # only the actor, so one backward pass of the summed losses gives every gradient.
-        q_pi = self.critic(obs, new_act, detach=True).min(0).values
-        actor_loss = (alpha * logp - q_pi).mean()
-        alpha_loss = -(self.log_alpha * (logp.detach() + cfg.target_entropy)).mean()
-        total = actor_loss + alpha_loss
-        opts = [self.actor_opt, self.alpha_opt]
-        if not cfg.sequential:
-            total = total + critic_loss
-            opts.append(self.critic_opt)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        total.backward()
-        for opt in opts:
-            opt.step()
+            policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1])
+            self.actor_opt.zero_grad(set_to_none=True)
+            self.alpha_opt.zero_grad(set_to_none=True)
+            policy_loss.backward()
+            self.actor_opt.step()
+            self.alpha_opt.step()
+            stats = torch.stack([critic_loss.detach(), actor_loss, alpha, entropy, q_mean])
+        else:
+            total, stats = self._loss_fn(obs, act, rew, next_obs, done, eps)
+            for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
+                opt.step()
         self.updates += 1
         if self.updates % cfg.target_update_interval == 0:
             with torch.no_grad():
                 torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
-        return torch.stack([critic_loss.detach(), actor_loss.detach(), alpha,
-                            -logp.detach().mean(), q.detach().mean()])
+        return stats
 
     # -- exact state ---------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, Any]:

@@ -183,7 +183,8 @@ class Agent:
     def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
         spec = ENV_SPECS[cfg.env]
         seed = stream_seeds(cfg.seed)["agent"]
-        self.sac = SAC(spec.obs_dim, spec.act_dim, cfg.sac, make_generator(seed + 1), device)
+        self.sac = SAC(spec.obs_dim, spec.act_dim, cfg.sac, make_generator(seed + 1), device,
+                       compile=cfg.sac.compile)
         self.generator = make_generator(seed, device)
 
     @property
