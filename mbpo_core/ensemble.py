@@ -99,7 +99,9 @@ class FitResult:
 
 
 def make_optimizer(model: GaussianEnsemble) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=model.cfg.lr)
+    # L2 enters the loss (per layer, as the original), not Adam's weight_decay
+    fused = model.max_logvar.device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=model.cfg.lr, fused=fused)
 
 
 def ensemble_loss(model: GaussianEnsemble, x_norm: torch.Tensor,
