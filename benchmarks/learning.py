@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mbpo_core.config import make_config
+from mbpo_core.runtime import tune_allocator
 from mbpo_core.trainer import MBPOTrainer
 
 
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    tune_allocator()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -39,7 +41,13 @@ def main() -> None:
         cfg = make_config(args.env, args.overrides, seed=seed)
         trainer = MBPOTrainer(cfg)
         start = time.perf_counter()
-        curve = trainer.train(args.total_steps, progress=False)
+        def report(metrics: dict[str, float], env_steps: int, seed: int = seed) -> None:
+            times = " ".join(f"{k[5:-2]}={v:.0f}s" for k, v in metrics.items() if k.startswith("time/"))
+            print(f"  seed {seed} env_steps {env_steps} eval {metrics['eval/return_mean']:.1f} "
+                  f"k={metrics['rollout/length']:.0f} model_mse={metrics['model/elite_holdout_mse']:.4f} "
+                  f"{times}", flush=True)
+
+        curve = trainer.train(args.total_steps, sink=report, progress=False)
         wall = time.perf_counter() - start
         reached = next((s for s, m, _ in curve if m >= args.target), None)
         results[seed] = {"curve": curve, "wall_s": wall, "reached_target_at": reached}

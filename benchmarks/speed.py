@@ -20,8 +20,18 @@ import torch
 from mbpo_core.buffer import ReplayBuffer
 from mbpo_core.config import make_config
 from mbpo_core.envs import ENV_SPECS
-from mbpo_core.steps import (Agent, Collector, Dynamics, collect, fit_ensemble, imagine,
-                             make_generator, update_sac)
+from mbpo_core.runtime import tune_allocator
+from mbpo_core.state import load_state, save_state
+from mbpo_core.steps import (
+    Agent,
+    Collector,
+    Dynamics,
+    collect,
+    fit_ensemble,
+    imagine,
+    make_generator,
+    update_sac,
+)
 
 # mbrl-lib 0.2.0's MBPO Hopper settings, expressed as overrides of our Hopper-v5 preset:
 # G=40, 512-unit SAC, target update every 4 steps, critic-then-actor order, uniform model L2.
@@ -84,21 +94,17 @@ def hopper_data(n: int, device: str) -> ReplayBuffer:
     return buf
 
 
-def bench_fit(real: ReplayBuffer, device: str, repeats: int) -> dict:
+def bench_fit(real: ReplayBuffer, device: str) -> tuple[dict, dict]:
+    """One fit from scratch (the slowest case: later fits warm-start and stop in few epochs)."""
     cfg = make_config("Hopper-v5")
-    times, epochs = [], []
-    for r in range(repeats):
-        dyn = Dynamics(make_config("Hopper-v5", seed=r), device)
-        start = time.perf_counter()
-        res = fit_ensemble(dyn, real)
-        times.append(time.perf_counter() - start)
-        epochs.append(res.epochs)
+    dyn = Dynamics(cfg, device)
+    start = time.perf_counter()
+    res = fit_ensemble(dyn, real)
+    seconds = time.perf_counter() - start
     n_train = len(real) - min(int(len(real) * 0.2), 5000)
-    per_epoch = ensemble_epoch_flops(cfg, 11, 3, n_train)
-    gflops = [e * per_epoch / t / 1e9 for e, t in zip(epochs, times)]
-    return {"seconds": statistics.median(times), "epochs": epochs,
-            "s_per_epoch": statistics.median(t / e for t, e in zip(times, epochs)),
-            "gflops": statistics.median(gflops)}
+    gflops = res.epochs * ensemble_epoch_flops(cfg, 11, 3, n_train) / seconds / 1e9
+    return ({"seconds": seconds, "epochs": res.epochs, "s_per_epoch": seconds / res.epochs,
+             "gflops": gflops}, dyn.state_dict())
 
 
 def bench_rollout(real: ReplayBuffer, device: str, repeats: int) -> dict:
@@ -115,13 +121,14 @@ def bench_rollout(real: ReplayBuffer, device: str, repeats: int) -> dict:
             "seconds": statistics.median(times)}
 
 
-def bench_round(overrides: list[str], real: ReplayBuffer, device: str, full: bool) -> dict:
+def bench_round(overrides: list[str], real: ReplayBuffer, fitted: dict, device: str,
+                full: bool) -> dict:
     """One steady-state round at rollout length 15 (epoch >= schedule end), scaled to 1,000
     env steps. With ``full=False`` the SAC part runs 1/10 of its updates and is scaled."""
     cfg = make_config("Hopper-v5", overrides + ["rollout.schedule=[0, 0, 15, 15]"])
     col, dyn, agent = Collector(cfg, device), Dynamics(cfg, device), Agent(cfg, device)
     g = make_generator(1, device)
-    fit_ensemble(dyn, real)  # warm start, as in a long run
+    dyn = Dynamics.from_state_dict(cfg, fitted, device)  # warm start (weights + Adam), as in a run
     model = ReplayBuffer(cfg.model_buffer_capacity(15), 11, 3, device)
     t = {}
     start = time.perf_counter()
@@ -153,34 +160,45 @@ def main() -> None:
     p.add_argument("--full-rounds", action="store_true",
                    help="run every SAC update of the 1,000-step rounds instead of 1/10 scaled")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--parts", nargs="+", default=["sac", "fit", "rollout", "round"],
+                   choices=["sac", "fit", "rollout", "round"])
     args = p.parse_args()
+    tune_allocator()
     torch.set_num_threads(args.threads)
     seconds, repeats = (3.0, 3) if args.quick else (10.0, 5)
     res: dict = {"threads": args.threads, "device": args.device, "torch": torch.__version__}
 
-    for hidden in (256, 512):
-        r = bench_sac("Hopper-v5", hidden, args.device, seconds, repeats)
-        res[f"sac_{hidden}"] = r
-        print(f"SAC update, batch 256, 2x{hidden} nets (Hopper dims): "
-              f"{r['updates_per_s']:.1f} updates/s (median of {repeats}), {r['gflops']:.0f} GFLOP/s",
-              flush=True)
-    real = hopper_data(20_000, args.device)
-    r = bench_fit(real, args.device, 1 if args.quick else 3)
-    res["ensemble_fit_20k"] = r
-    print(f"ensemble fit, 20k Hopper transitions from scratch: {r['seconds']:.1f} s "
-          f"({r['epochs']} epochs, {r['s_per_epoch']:.2f} s/epoch, {r['gflops']:.0f} GFLOP/s)",
-          flush=True)
-    r = bench_rollout(real, args.device, repeats)
-    res["rollout"] = r
-    print(f"model rollout, 100k start states, 1 step: {r['transitions_per_s']:,.0f} transitions/s "
-          f"({r['seconds']:.2f} s)", flush=True)
-    for name, over in (("paper_hopper", []), ("mbrl_lib_hopper", MBRL_LIB_HOPPER)):
-        r = bench_round(over, hopper_data(20_000, args.device), args.device, args.full_rounds)
-        res[f"round_{name}"] = r
-        print(f"Hopper-v5 steady state ({name} settings, k=15): {r['s_per_1000_env_steps']:.0f} s "
-              f"per 1,000 env steps (SAC {100 * r['sac_share']:.0f}%; round parts "
-              + ", ".join(f"{k} {v:.1f}" for k, v in r["round"].items()) + ")", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if "sac" in args.parts:
+        for hidden in (256, 512):
+            r = bench_sac("Hopper-v5", hidden, args.device, seconds, repeats)
+            res[f"sac_{hidden}"] = r
+            print(f"SAC update, batch 256, 2x{hidden} nets (Hopper dims): {r['updates_per_s']:.1f} "
+                  f"updates/s (median of {repeats}), {r['gflops']:.0f} GFLOP/s", flush=True)
+    real = hopper_data(20_000, args.device)
+    fitted_path = args.out / "fitted-hopper-20k.pt"
+    if "fit" in args.parts or not fitted_path.exists():
+        r, fitted = bench_fit(real, args.device)
+        save_state(fitted, fitted_path)
+        res["ensemble_fit_20k"] = r
+        print(f"ensemble fit, 20k Hopper transitions from scratch: {r['seconds']:.1f} s "
+              f"({r['epochs']} epochs to early stop, {r['s_per_epoch']:.2f} s/epoch, "
+              f"{r['gflops']:.0f} GFLOP/s)", flush=True)
+    fitted = load_state(fitted_path)
+    if "rollout" in args.parts:
+        r = bench_rollout(real, args.device, repeats)
+        res["rollout"] = r
+        print(f"model rollout, 100k start states, 1 step: {r['transitions_per_s']:,.0f} "
+              f"transitions/s ({r['seconds']:.2f} s)", flush=True)
+    if "round" in args.parts:
+        for name, over in (("paper_hopper", []), ("mbrl_lib_hopper", MBRL_LIB_HOPPER)):
+            r = bench_round(over, hopper_data(20_000, args.device), fitted, args.device,
+                            args.full_rounds)
+            res[f"round_{name}"] = r
+            print(f"Hopper-v5 steady state ({name} settings, k=15): "
+                  f"{r['s_per_1000_env_steps']:.0f} s per 1,000 env steps (SAC "
+                  f"{100 * r['sac_share']:.0f}%; round parts "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in r["round"].items()) + ")", flush=True)
     (args.out / "speed.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out / 'speed.json'}")
 

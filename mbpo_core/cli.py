@@ -70,9 +70,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from .runtime import tune_allocator
     from .state import load_state, save_state
     from .trainer import MBPOTrainer
 
+    tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -259,7 +259,7 @@ def validate(cfg: MBPOConfig) -> None:
         _validate_fields(section, f"{name}.")
     if cfg.env not in SUPPORTED_ENVS:
         raise ConfigError(f"env = {cfg.env!r} is not supported; allowed: {', '.join(SUPPORTED_ENVS)}")
-    ens, ro, sac = cfg.ensemble, cfg.rollout, cfg.sac
+    ens, ro = cfg.ensemble, cfg.rollout
     if ens.num_elites > ens.ensemble_size:
         raise ConfigError(f"ensemble.num_elites = {ens.num_elites} must be <= ensemble.ensemble_size "
                           f"= {ens.ensemble_size}")

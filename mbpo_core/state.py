@@ -40,7 +40,7 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise StateError(f"state file {str(path)!r} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
+    except Exception as e:  # torch raises many kinds of errors for bad files
         raise StateError(f"state file {str(path)!r} could not be loaded safely: {e}") from e
     if not isinstance(state, dict):
         raise StateError(f"state file {str(path)!r} holds a {type(state).__name__}, not a state")

@@ -18,8 +18,19 @@ import torch
 from .buffer import ReplayBuffer
 from .config import MBPOConfig
 from .envs import ENV_SPECS
-from .steps import (Agent, Collector, Dynamics, generator_from_state, collect, evaluate,
-                    fit_ensemble, imagine, make_generator, stream_seeds, update_sac)
+from .steps import (
+    Agent,
+    Collector,
+    Dynamics,
+    collect,
+    evaluate,
+    fit_ensemble,
+    generator_from_state,
+    imagine,
+    make_generator,
+    stream_seeds,
+    update_sac,
+)
 
 log = logging.getLogger(__name__)
 
