@@ -39,19 +39,30 @@ MetricsSink = Callable[[dict[str, float], int], None]
 
 
 class MBPOTrainer:
-    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, cfg: MBPOConfig, device: str | torch.device = "cpu",
+                 state: dict[str, Any] | None = None) -> None:
+        """A fresh run, or with ``state`` (from ``state_dict``) the continuation of one."""
         spec = ENV_SPECS[cfg.env]
         self.cfg, self.device = cfg, torch.device(device)
-        self.collector = Collector(cfg, device)
-        self.real = ReplayBuffer(cfg.real_buffer_size, spec.obs_dim, spec.act_dim, device)
-        self.model_data = ReplayBuffer(cfg.model_buffer_capacity(cfg.rollout_length(0)),
-                                       spec.obs_dim, spec.act_dim, device)
-        self.dynamics = Dynamics(cfg, device)
-        self.agent = Agent(cfg, device)
-        self.rollout_generator = make_generator(stream_seeds(cfg.seed)["rollout"], device)
-        self.env_steps = 0
-        self.round = 0
-        self.curve: list[list[float]] = []
+        if state is None:
+            self.collector = Collector(cfg, device)
+            self.real = ReplayBuffer(cfg.real_buffer_size, spec.obs_dim, spec.act_dim, device)
+            self.model_data = ReplayBuffer(cfg.model_buffer_capacity(cfg.rollout_length(0)),
+                                           spec.obs_dim, spec.act_dim, device)
+            self.dynamics = Dynamics(cfg, device)
+            self.agent = Agent(cfg, device)
+            self.rollout_generator = make_generator(stream_seeds(cfg.seed)["rollout"], device)
+            self.env_steps, self.round = 0, 0
+            self.curve: list[list[float]] = []
+            return
+        self.collector = Collector.from_state_dict(cfg, state["collector"], device)
+        self.real = ReplayBuffer.from_state_dict(state["real"], device)
+        self.model_data = ReplayBuffer.from_state_dict(state["model_data"], device)
+        self.dynamics = Dynamics.from_state_dict(cfg, state["dynamics"], device)
+        self.agent = Agent.from_state_dict(cfg, state["agent"], device)
+        self.rollout_generator = generator_from_state(state["rollout_generator"], device)
+        self.env_steps, self.round = int(state["env_steps"]), int(state["round"])
+        self.curve = [list(p) for p in state["curve"]]
 
     # -- one round -------------------------------------------------------------------------
     def next_round_steps(self) -> int:
@@ -156,14 +167,4 @@ class MBPOTrainer:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state format {state.get('format')!r} is not supported; "
                              f"this code reads format {STATE_FORMAT}")
-        cfg = MBPOConfig.from_dict(state["config"])
-        t = cls(cfg, device)
-        t.env_steps, t.round = int(state["env_steps"]), int(state["round"])
-        t.curve = [list(p) for p in state["curve"]]
-        t.collector = Collector.from_state_dict(cfg, state["collector"], device)
-        t.real = ReplayBuffer.from_state_dict(state["real"], device)
-        t.model_data = ReplayBuffer.from_state_dict(state["model_data"], device)
-        t.dynamics = Dynamics.from_state_dict(cfg, state["dynamics"], device)
-        t.agent = Agent.from_state_dict(cfg, state["agent"], device)
-        t.rollout_generator = generator_from_state(state["rollout_generator"], device)
-        return t
+        return cls(MBPOConfig.from_dict(state["config"]), device, state)
