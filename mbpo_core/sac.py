@@ -9,7 +9,6 @@ and stepped together, as softlearning (the SAC inside the original MBPO code) do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,15 +71,6 @@ class TwinCritic(nn.Module):
         """Both Q values, [2, B]; ``detach`` lets gradients reach the action but not the weights."""
         x = torch.cat([obs, act], dim=-1)
         return self.net(x.unsqueeze(0).expand(2, -1, -1), detach=detach).squeeze(-1)
-
-
-@dataclass
-class UpdateStats:
-    critic_loss: float
-    actor_loss: float
-    alpha: float
-    entropy: float
-    q_mean: float
 
 
 class SAC(nn.Module):
@@ -194,7 +184,3 @@ class SAC(nn.Module):
         self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.updates = int(state["updates"])
 
-
-def stats_from_tensor(t: torch.Tensor) -> UpdateStats:
-    c, a, al, h, q = t.tolist()
-    return UpdateStats(c, a, al, h, q)
