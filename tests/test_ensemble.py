@@ -72,11 +72,19 @@ def test_ensemble_learns_nonlinear_system_and_picks_elites():
     assert len(result.holdout_mse) == 3
     elite_mse = sorted(result.holdout_mse)[:2]
     assert math.isclose(result.elite_holdout_mse, sum(elite_mse) / 2, rel_tol=1e-6)
-    # fresh test data from the same system: sampled predictions are close in mean
+    # fresh test data: rewards are predicted almost exactly; the tiny deltas (|d| ~ 0.03) are
+    # learned more slowly, as the Gaussian NLL first explains them as noise (measured: 0.74x
+    # the "nothing changes" baseline error after this short fit, 0.54x after 2,000 epochs)
     obs, act, rew, next_obs = _system(2000, g)
+    x_norm = model.normalize(torch.cat([obs, act], -1)).expand(3, -1, -1)
+    with torch.no_grad():
+        mean, _ = model(x_norm)
+    elite_delta = mean[model.elites, :, 1:].mean(0)
+    baseline = (next_obs - obs).abs().mean()
+    assert (obs + elite_delta - next_obs).abs().mean() < 0.85 * baseline
     r_hat, next_hat = model.sample_next(obs, act, g)
-    assert (next_hat - next_obs).abs().mean() < 0.05
-    assert (r_hat - rew).abs().mean() < 0.1
+    assert (next_hat - next_obs).abs().mean() < 2 * baseline
+    assert (r_hat - rew).abs().mean() < 0.1 * (rew - rew.mean()).abs().mean()
 
 
 def test_early_stopping_stops_before_max_epochs():
