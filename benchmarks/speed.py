@@ -192,7 +192,8 @@ def main() -> None:
               f"transitions/s ({r['seconds']:.2f} s)", flush=True)
     if "round" in args.parts:
         for name, over in (("paper_hopper", []), ("mbrl_lib_hopper", MBRL_LIB_HOPPER)):
-            r = bench_round(over, hopper_data(20_000, args.device), fitted, args.device,
+            data = ReplayBuffer.from_state_dict(real.state_dict(), args.device)  # a copy per round
+            r = bench_round(over, data, fitted, args.device,
                             args.full_rounds)
             res[f"round_{name}"] = r
             print(f"Hopper-v5 steady state ({name} settings, k=15): "

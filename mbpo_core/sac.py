@@ -98,10 +98,9 @@ class SAC(nn.Module):
         self._loss_fn = torch.compile(self._losses, dynamic=False) if compile else self._losses
 
     def _critic_loss(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
-                     next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor,
+                     alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Twin-critic soft Bellman loss (0.5 MSE each) and the mean Q."""
-        alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             next_act, next_logp = self.actor.sample(next_obs, eps=eps)
             q_next = self.critic_target(next_obs, next_act).min(0).values - alpha * next_logp
@@ -109,13 +108,12 @@ class SAC(nn.Module):
         q = self.critic(obs, act)
         return 0.5 * (q - target).pow(2).mean(1).sum(), q.detach().mean()
 
-    def _policy_loss(self, obs: torch.Tensor, eps: torch.Tensor
+    def _policy_loss(self, obs: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actor + temperature loss, the actor loss alone, and the policy entropy estimate.
 
         Q of the policy's action uses the critic weights as constants: the actor loss moves only
         the actor, so one backward pass over a sum of losses gives every gradient."""
-        alpha = self.log_alpha.detach().exp()
         new_act, logp = self.actor.sample(obs, eps=eps)
         q_pi = self.critic(obs, new_act, detach=True).min(0).values
         actor_loss = (alpha * logp - q_pi).mean()
@@ -123,15 +121,14 @@ class SAC(nn.Module):
         return actor_loss + alpha_loss, actor_loss.detach(), -logp.detach().mean()
 
     def _losses(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
-                next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor,
+                alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All losses at the current parameters (softlearning's simultaneous update), summed,
         and the stats [critic, actor, alpha, entropy, Q]. A pure function of its tensors (the
         policy noise ``eps [2, B, A]`` comes in), so it can be compiled."""
-        critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0])
-        policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1])
-        stats = torch.stack([critic_loss.detach(), actor_loss, self.log_alpha.detach().exp(),
-                             entropy, q_mean])
+        critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0], alpha)
+        policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1], alpha)
+        stats = torch.stack([critic_loss.detach(), actor_loss, alpha, entropy, q_mean])
         return critic_loss + policy_loss, stats
 
     def update(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
@@ -141,13 +138,13 @@ class SAC(nn.Module):
         cfg = self.cfg
         eps = torch.randn((2, *act.shape), generator=generator, device=act.device,
                           dtype=act.dtype)
+        alpha = self.log_alpha.detach().exp()  # the temperature before this step, for every loss
         if cfg.sequential:  # critic step first; the actor then sees the updated critic
-            alpha = self.log_alpha.detach().exp()
-            critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0])
+            critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0], alpha)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.backward()
             self.critic_opt.step()
-            policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1])
+            policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1], alpha)
             self.actor_opt.zero_grad(set_to_none=True)
             self.alpha_opt.zero_grad(set_to_none=True)
             policy_loss.backward()
@@ -155,7 +152,7 @@ class SAC(nn.Module):
             self.alpha_opt.step()
             stats = torch.stack([critic_loss.detach(), actor_loss, alpha, entropy, q_mean])
         else:
-            total, stats = self._loss_fn(obs, act, rew, next_obs, done, eps)
+            total, stats = self._loss_fn(obs, act, rew, next_obs, done, eps, alpha)
             for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
                 opt.zero_grad(set_to_none=True)
             total.backward()
