@@ -245,3 +245,61 @@ def evaluate(cfg: MBPOConfig, actor: Actor, env_steps: int,
         returns.append(ret)
     env.close()
     return float(np.mean(returns)), float(np.std(returns)), returns
+
+
+# --------------------------------------------------------------------------------------------
+# one round's decisions and metric names, shared by the trainer and the pipeline components
+# --------------------------------------------------------------------------------------------
+def round_env_steps(cfg: MBPOConfig, env_steps: int, max_env_steps: int | None = None) -> int:
+    """Env steps the next round collects: the random warm-up first, then ``steps_per_round``."""
+    n = cfg.init_steps if env_steps == 0 else cfg.steps_per_round
+    if max_env_steps is not None:
+        n = min(n, max_env_steps - env_steps)
+    if n <= 0:
+        raise ValueError(f"no env steps left in this round (env_steps={env_steps}, "
+                         f"max_env_steps={max_env_steps})")
+    return n
+
+
+def collect_round(cfg: MBPOConfig, collector: Collector, actor: Actor, env_steps: int,
+                  max_env_steps: int | None = None) -> CollectResult:
+    """The round's real data: uniform random actions during warm-up, the policy afterwards."""
+    warmup = env_steps < cfg.init_steps
+    return collect(collector, None if warmup else actor, round_env_steps(cfg, env_steps, max_env_steps))
+
+
+def imagine_round(cfg: MBPOConfig, dynamics: Dynamics, actor: Actor, real: ReplayBuffer,
+                  env_steps: int, generator: torch.Generator) -> ImagineResult:
+    return imagine(cfg, dynamics, actor, real, cfg.rollout_length(env_steps), generator)
+
+
+def sac_updates_per_round(cfg: MBPOConfig) -> int:
+    return cfg.sac.updates_per_step * cfg.steps_per_round
+
+
+def collect_metrics(res: CollectResult, real_size: int) -> dict[str, float]:
+    m = {"buffer/real_size": float(real_size)}
+    if res.episodes:
+        m["train/episode_return"] = sum(r for r, _ in res.episodes) / len(res.episodes)
+    return m
+
+
+def fit_metrics(fit: ens.FitResult) -> dict[str, float]:
+    finite = [m for m in fit.holdout_mse if np.isfinite(m)]
+    return {"model/train_loss": fit.train_loss,
+            "model/holdout_mse": sum(finite) / max(len(finite), 1),
+            "model/elite_holdout_mse": fit.elite_holdout_mse,
+            "model/epochs": float(fit.epochs)}
+
+
+def imagine_metrics(dream: ImagineResult, model_buffer_size: int) -> dict[str, float]:
+    return {"rollout/length": float(dream.rollout_length), "rollout/mean_steps": dream.mean_steps,
+            "rollout/model_buffer_size": float(model_buffer_size)}
+
+
+def sac_metrics(stats: dict[str, float]) -> dict[str, float]:
+    return {f"sac/{name}": value for name, value in stats.items()}
+
+
+def eval_metrics(mean: float, std: float) -> dict[str, float]:
+    return {"eval/return_mean": mean, "eval/return_std": std}

@@ -8,7 +8,6 @@ boundary equals an unsplit one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +21,18 @@ from .steps import (
     Agent,
     Collector,
     Dynamics,
-    collect,
+    collect_metrics,
+    collect_round,
+    eval_metrics,
     evaluate,
     fit_ensemble,
+    fit_metrics,
     generator_from_state,
-    imagine,
+    imagine_metrics,
+    imagine_round,
     make_generator,
+    sac_metrics,
+    sac_updates_per_round,
     stream_seeds,
     update_sac,
 )
@@ -65,64 +70,40 @@ class MBPOTrainer:
         self.curve = [list(p) for p in state["curve"]]
 
     # -- one round -------------------------------------------------------------------------
-    def next_round_steps(self) -> int:
-        return self.cfg.init_steps if self.env_steps == 0 else self.cfg.steps_per_round
-
     def run_round(self, max_env_steps: int | None = None) -> dict[str, float]:
-        cfg, timings = self.cfg, {}
-        n = self.next_round_steps()
-        if max_env_steps is not None:
-            n = min(n, max_env_steps - self.env_steps)
-        if n <= 0:
-            raise ValueError(f"no env steps left in this round (env_steps={self.env_steps})")
+        cfg, timings, metrics = self.cfg, {}, {}
 
         t = time.perf_counter()
-        warmup = self.env_steps < cfg.init_steps
-        res = collect(self.collector, None if warmup else self.agent.actor, n)
+        res = collect_round(cfg, self.collector, self.agent.actor, self.env_steps, max_env_steps)
         self.real.add_rows(res.rows.to(self.device))
-        self.env_steps += n
+        self.env_steps += res.rows.shape[0]
+        metrics |= collect_metrics(res, len(self.real))
         timings["collect"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        fit = fit_ensemble(self.dynamics, self.real)
+        metrics |= fit_metrics(fit_ensemble(self.dynamics, self.real))
         timings["fit_ensemble"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        k = cfg.rollout_length(self.env_steps)
-        self.model_data.resize(cfg.model_buffer_capacity(k))
-        dream = imagine(cfg, self.dynamics, self.agent.actor, self.real, k, self.rollout_generator)
+        dream = imagine_round(cfg, self.dynamics, self.agent.actor, self.real, self.env_steps,
+                              self.rollout_generator)
+        self.model_data.resize(cfg.model_buffer_capacity(dream.rollout_length))
         self.model_data.add_rows(dream.rows)
+        metrics |= imagine_metrics(dream, len(self.model_data))
         timings["imagine"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        sac = update_sac(cfg, self.agent, self.real, self.model_data,
-                         cfg.sac.updates_per_step * cfg.steps_per_round)
+        metrics |= sac_metrics(update_sac(cfg, self.agent, self.real, self.model_data,
+                                          sac_updates_per_round(cfg)))
         timings["update_sac"] = time.perf_counter() - t
 
         t = time.perf_counter()
         mean, std, _ = evaluate(cfg, self.agent.actor, self.env_steps, self.device)
+        metrics |= eval_metrics(mean, std)
         timings["evaluate"] = time.perf_counter() - t
         self.curve.append([self.env_steps, mean, std])
         self.round += 1
-
-        finite_mse = [m for m in fit.holdout_mse if math.isfinite(m)]
-        metrics = {
-            "eval/return_mean": mean,
-            "eval/return_std": std,
-            "model/train_loss": fit.train_loss,
-            "model/holdout_mse": sum(finite_mse) / max(len(finite_mse), 1),
-            "model/elite_holdout_mse": fit.elite_holdout_mse,
-            "model/epochs": float(fit.epochs),
-            "rollout/length": float(k),
-            "rollout/mean_steps": dream.mean_steps,
-            "rollout/model_buffer_size": float(len(self.model_data)),
-            "buffer/real_size": float(len(self.real)),
-            **{f"sac/{name}": value for name, value in sac.items()},
-            **{f"time/{name}_s": value for name, value in timings.items()},
-        }
-        if res.episodes:
-            metrics["train/episode_return"] = sum(r for r, _ in res.episodes) / len(res.episodes)
-        return metrics
+        return metrics | {f"time/{name}_s": value for name, value in timings.items()}
 
     def train(self, total_steps: int, sink: MetricsSink | None = None,
               progress: bool = True) -> list[list[float]]:

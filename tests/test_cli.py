@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from mbpo_core.cli import main
 from mbpo_core.sac import Actor
+from pipelines.cli import main
 from tests.conftest import TINY
 
 

@@ -1,0 +1,101 @@
+"""The KFP v2 components: one per MBPO step, plus run setup and publishing.
+
+Each is a lightweight Python component declared with the project image as ``base_image`` and
+``install_kfp_package=False``: on a cluster the image already holds kfp, ``mbpo_core`` and this
+package, so nothing is pip-installed at run time; under ``kfp.local``'s SubprocessRunner the same
+definition runs in the current environment. Bodies only forward to :mod:`components.ops`; KFP
+serializes a body's source, so its imports live inside it.
+"""
+
+
+from types import SimpleNamespace
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components import DEFAULT_IMAGE
+
+
+def init_run(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
+             config: Output[Artifact]):
+    """Validate the whole configuration and set up (or check) the run's storage prefix."""
+    from components import ops
+    ops.init_run(env, seed, overrides, run_url, total_steps, config)
+
+
+def init_states(config: Input[Artifact], collector: Output[Artifact], dynamics: Output[Model],
+                agent: Output[Model], policy: Output[Model], rollout: Output[Artifact],
+                real_manifest: Output[Dataset], model_manifest: Output[Dataset]):
+    """The initial states of a fresh run."""
+    from components import ops
+    ops.init_states(config, collector, dynamics, agent, policy, rollout, real_manifest,
+                    model_manifest)
+
+
+def collect(config: Input[Artifact], collector_in: Input[Artifact], policy: Input[Model],
+            real_manifest_in: Input[Dataset], run_url: str, total_steps: int, env_steps: int,
+            prev_round: int, collector_out: Output[Artifact], real_manifest_out: Output[Dataset],
+            metrics: Output[Metrics]) -> NamedTuple("CollectOutputs", env_steps=int, round_index=int):
+    """Step the real environment with the current policy; store the new rows as a shard."""
+    from components import ops
+    steps, round_index = ops.collect(config, collector_in, policy, real_manifest_in, run_url,
+                                     total_steps, env_steps, prev_round, collector_out,
+                                     real_manifest_out, metrics)
+    return NamedTuple("CollectOutputs", env_steps=int, round_index=int)(steps, round_index)
+
+
+def fit_ensemble(config: Input[Artifact], dynamics_in: Input[Model], real_manifest: Input[Dataset],
+                 run_url: str, round_index: int, env_steps: int, device: str,
+                 dynamics_out: Output[Model], metrics: Output[Metrics]):
+    """Fit the probabilistic dynamics ensemble on all real transitions."""
+    from components import ops
+    ops.fit_ensemble_step(config, dynamics_in, real_manifest, run_url, round_index, env_steps,
+                          device, dynamics_out, metrics)
+
+
+def imagine(config: Input[Artifact], dynamics: Input[Model], policy: Input[Model],
+            real_manifest: Input[Dataset], model_manifest_in: Input[Dataset],
+            rollout_in: Input[Artifact], run_url: str, round_index: int, env_steps: int, device: str,
+            model_manifest_out: Output[Dataset], rollout_out: Output[Artifact],
+            metrics: Output[Metrics]):
+    """Generate k-step model rollouts from real start states; store them as a shard."""
+    from components import ops
+    ops.imagine_step(config, dynamics, policy, real_manifest, model_manifest_in, rollout_in,
+                     run_url, round_index, env_steps, device, model_manifest_out, rollout_out,
+                     metrics)
+
+
+def update_sac(config: Input[Artifact], agent_in: Input[Model], real_manifest: Input[Dataset],
+               model_manifest: Input[Dataset], run_url: str, round_index: int, env_steps: int,
+               device: str, agent_out: Output[Model], policy_out: Output[Model],
+               metrics: Output[Metrics]):
+    """SAC gradient steps on mixed real and imagined batches."""
+    from components import ops
+    ops.update_sac_step(config, agent_in, real_manifest, model_manifest, run_url, round_index,
+                        env_steps, device, agent_out, policy_out, metrics)
+
+
+def evaluate(config: Input[Artifact], policy: Input[Model], run_url: str, round_index: int,
+             env_steps: int, metrics: Output[Metrics]) -> float:
+    """Deterministic-policy return on fresh episodes; completes the round's record."""
+    from components import ops
+    return ops.evaluate_step(config, policy, run_url, round_index, env_steps, metrics)
+
+
+def finalize(config: Input[Artifact], policy: Input[Model], run_url: str, round_index: int,
+             env_steps: int, final_policy: Output[Model], summary: Output[Artifact]):
+    """Publish the policy and the run's summary."""
+    from components import ops
+    ops.finalize(config, policy, run_url, round_index, env_steps, final_policy, summary)
+
+
+STEP_FUNCTIONS = (init_run, init_states, collect, fit_ensemble, imagine, update_sac, evaluate,
+                  finalize)
+
+
+def make_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """The components, all running in ``image`` (which must hold this package)."""
+    return SimpleNamespace(**{
+        f.__name__: dsl.component(f, base_image=image, install_kfp_package=False)
+        for f in STEP_FUNCTIONS})

@@ -1,0 +1,1 @@
+"""The MBPO pipeline, its drivers (local, cluster) and the ``mbpo`` command line."""

@@ -1,0 +1,270 @@
+"""The ``mbpo`` command line: train in-process, or run, compile and submit the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from components import DEFAULT_IMAGE
+from mbpo_core.config import ConfigError, available_presets, make_config
+from mbpo_core.storage import StorageError
+
+from .chain import DEFAULT_ROUNDS_PER_RUN, TrainingRun, existing_run, new_run
+from .submit import TOKEN_ENV
+
+log = logging.getLogger("mbpo")
+
+
+def _device(value: str) -> str:
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"--device {value!r}: allowed cpu, cuda or cuda:N")
+    return value
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
+
+
+def _rounds(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_ROUNDS_PER_RUN:
+        raise argparse.ArgumentTypeError(
+            f"{n} rounds in one pipeline run is too large to submit (KFP on Argo); "
+            f"allowed 1-{MAX_ROUNDS_PER_RUN}: longer training is a chain of runs")
+    return n
+
+
+# About 19.5 KB of compiled spec per round; 25 rounds keep the Argo object (about 2.85x the spec)
+# under 1.5 MiB, etcd's default limit.
+MAX_ROUNDS_PER_RUN = 25
+
+
+def _add_run_config(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by every command that starts a training run."""
+    p.add_argument("--env", choices=available_presets(), metavar="ENV",
+                   help=f"task; one of {', '.join(available_presets())}")
+    p.add_argument("--total-steps", type=_positive, help="env steps to train for")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override config fields, e.g. sac.hidden_size=512")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, local: bool) -> None:
+    default_store = "./mbpo-store" if local else None
+    p.add_argument("--store", default=os.environ.get("MBPO_STORE", default_store),
+                   required=not local and not os.environ.get("MBPO_STORE"),
+                   help="object store for replay shards and run records: a local folder, "
+                        "file:///path or s3://bucket/prefix (S3 endpoint and credentials from "
+                        "MBPO_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); "
+                        f"default $MBPO_STORE or {default_store}")
+    p.add_argument("--run-name", default=None,
+                   help="name of the training run under STORE/runs/ (default: task-seed-time)")
+    p.add_argument("--rounds-per-run", type=_rounds, default=DEFAULT_ROUNDS_PER_RUN,
+                   help=f"rounds unrolled into one pipeline run (default {DEFAULT_ROUNDS_PER_RUN}); "
+                        "a longer training run is a chain of pipeline runs")
+    p.add_argument("--resume-from", default=None, metavar="RUN",
+                   help="continue a stopped training run from its last complete round: its run "
+                        "URL (STORE/runs/NAME) or a local --out folder; its stored config is used")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mbpo", description="Model-Based Policy Optimization.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run MBPO in this process",
+                       description="Run MBPO in one process and write OUT/summary.json and "
+                                   "OUT/policy.pt (the actor's state dict).")
+    t.add_argument("--env", required=True, choices=available_presets(), metavar="ENV",
+                   help=f"task; one of {', '.join(available_presets())}")
+    t.add_argument("--total-steps", type=_positive, required=True, help="env steps to train for")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, required=True, help="output folder")
+    t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override config fields, e.g. sac.hidden_size=512")
+    t.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--threads", type=_positive, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    t.add_argument("--save-state", action="store_true",
+                   help="also write OUT/state.pt, the full training state")
+    t.add_argument("--resume-from", type=Path, default=None,
+                   help="state.pt of an earlier run to continue (its config is used)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="run the pipeline on this machine (kfp.local)",
+                       description="Run the MBPO pipeline locally with kfp.local's SubprocessRunner, "
+                                   "as a chain of pipeline runs, and write OUT/summary.json and "
+                                   "OUT/policy.pt like `mbpo train`.")
+    _add_run_config(r)
+    r.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_pipeline_args(r, local=True)
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="torch intra-op threads in every step (default: torch's choice)")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compile", help="compile the pipeline to KFP YAML",
+                       description="Compile a K-round pipeline (fresh, or with --continuation one "
+                                   "that resumes from imported states) to a KFP v2 YAML package.")
+    c.add_argument("--env", required=True, choices=available_presets(), metavar="ENV")
+    c.add_argument("--rounds", type=_rounds, required=True, help="rounds unrolled in the pipeline")
+    c.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="checked now; pass them as the `overrides` parameter")
+    c.add_argument("--continuation", action="store_true",
+                   help="the pipeline that continues from a stored round (importer inputs)")
+    c.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
+    c.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+    c.set_defaults(func=cmd_compile)
+
+    sb = sub.add_parser("submit", help="submit a training run to a KFP cluster",
+                        description="Compile and submit the chain of pipeline runs of a training "
+                                    f"run to the KFP API at --host (bearer token from ${TOKEN_ENV}).")
+    _add_run_config(sb)
+    _add_pipeline_args(sb, local=False)
+    sb.add_argument("--host", default=os.environ.get("KFP_HOST"),
+                    help="KFP API URL (default $KFP_HOST; omit inside the cluster)")
+    sb.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
+    sb.add_argument("--experiment", default="mbpo", help="KFP experiment name")
+    sb.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
+    chain = sb.add_mutually_exclusive_group()
+    chain.add_argument("--follow", action="store_true",
+                       help="wait for each pipeline run and submit the next from here")
+    chain.add_argument("--chain-in-cluster", action="store_true",
+                       help="each pipeline run submits the next itself (no waiting here)")
+    sb.set_defaults(func=cmd_submit)
+
+    pr = sub.add_parser("presets", help="print a task's resolved configuration")
+    pr.add_argument("--env", required=True, choices=available_presets(), metavar="ENV")
+    pr.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    print(make_config(args.env, args.overrides).to_json())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mbpo_core.runtime import tune_allocator
+    from mbpo_core.state import load_state, save_state
+    from mbpo_core.trainer import MBPOTrainer
+
+    tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.resume_from:
+        trainer = MBPOTrainer.from_state_dict(load_state(args.resume_from), args.device)
+        if trainer.cfg.env != args.env:
+            raise ConfigError(f"--env {args.env} differs from the resumed run's {trainer.cfg.env}")
+    else:
+        cfg = make_config(args.env, args.overrides, seed=args.seed)
+        trainer = MBPOTrainer(cfg, args.device)
+    cfg = trainer.cfg
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(cfg.to_json())
+    start = time.perf_counter()
+    trainer.train(args.total_steps, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    torch.save(trainer.agent.actor.state_dict(), args.out / "policy.pt")
+    if args.save_state:
+        save_state(trainer.state_dict(), args.out / "state.pt")
+    summary = {
+        "env": cfg.env,
+        "seed": cfg.seed,
+        "env_steps": trainer.env_steps,
+        "eval_return": trainer.curve[-1][1] if trainer.curve else None,
+        "curve": trainer.curve,
+        "wall_s": wall,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: %d env steps, eval return %.1f, %.0f s; wrote %s", trainer.env_steps,
+             summary["eval_return"], wall, args.out)
+    return 0
+
+
+def _training_run(args: argparse.Namespace) -> TrainingRun:
+    if args.resume_from:
+        run = existing_run(args.resume_from, args.total_steps, args.device)
+        if args.env and args.env != run.env:
+            raise ConfigError(f"--env {args.env} differs from the resumed run's {run.env}")
+        if args.overrides:
+            raise ConfigError("--set cannot change a resumed run; its stored configuration is used")
+        return run
+    missing = [f for f in ("env", "total_steps") if getattr(args, f) is None]
+    if missing:
+        raise ConfigError(f"{', '.join('--' + m.replace('_', '-') for m in missing)} required "
+                          "(unless --resume-from)")
+    return new_run(args.env, args.seed, args.overrides, args.total_steps, args.store,
+                   args.run_name, args.device)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local import run_local
+
+    run = _training_run(args)
+    if args.threads:
+        os.environ["MBPO_THREADS"] = str(args.threads)
+    log.info("training run %s", run.run_url)
+    result = run_local(run, args.out, args.rounds_per_run)
+    log.info("done: %d env steps, eval return %s, %.0f s; wrote %s", result["env_steps"],
+             result["eval_return"], result["wall_s"], args.out)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .pipeline import compile_pipeline
+
+    make_config(args.env, args.overrides)  # fail now, not on the cluster
+    path = compile_pipeline(args.rounds, args.output, resume=args.continuation, image=args.image)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.rounds} rounds)")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import ClusterTarget, submit_chain
+
+    run = _training_run(args)
+    target = ClusterTarget(args.host, args.namespace, args.experiment, args.image,
+                           args.rounds_per_run, args.chain_in_cluster)
+    name = run.run_url.rstrip("/").rsplit("/", 1)[-1]
+    ids = submit_chain(run, target, name, follow=args.follow)
+    for run_id in ids:
+        print(run_id)
+    if not args.follow and not args.chain_in_cluster and ids:
+        print(f"submitted the first pipeline run; continue the chain with: mbpo submit "
+              f"--resume-from {run.run_url} --host ... (or use --follow / --chain-in-cluster)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mbpo: configuration error: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"mbpo: storage error: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

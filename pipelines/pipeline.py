@@ -1,0 +1,154 @@
+"""The MBPO pipeline: K rounds of collect -> fit_ensemble -> imagine -> update_sac -> evaluate.
+
+KFP v2 has no recursion, so the rounds are unrolled at compile time, and the compiled spec grows
+with K (about 13-16 KB per task). A training run longer than K rounds is a chain of pipeline runs:
+the first builds fresh states (``init_states``); every later one imports the states of the last
+complete round by URI (``dsl.importer``) and continues from its env-step count.
+"""
+
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Artifact, Dataset, Model
+
+from components import DEFAULT_IMAGE
+from components.definitions import make_components
+
+from .chain import DEFAULT_ROUNDS_PER_RUN
+
+# Every state a round hands to the next, with its artifact type.
+STATE_TYPES: dict[str, type] = {
+    "collector": Artifact, "real_manifest": Dataset, "dynamics": Model, "model_manifest": Dataset,
+    "rollout": Artifact, "agent": Model, "policy": Model,
+}
+PIPELINE_NAME = "mbpo"
+
+
+def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, env_steps,
+            prev_round):
+    """Wire ``rounds`` rounds onto ``states`` and end with finalize."""
+    last = None
+    for i in range(rounds):
+        col = c.collect(config=config, collector_in=states["collector"], policy=states["policy"],
+                        real_manifest_in=states["real_manifest"], run_url=run_url,
+                        total_steps=total_steps, env_steps=env_steps, prev_round=prev_round)
+        env_steps, rnd = col.outputs["env_steps"], col.outputs["round_index"]
+        real = col.outputs["real_manifest_out"]
+        fit = c.fit_ensemble(config=config, dynamics_in=states["dynamics"], real_manifest=real,
+                             run_url=run_url, round_index=rnd, env_steps=env_steps, device=device)
+        im = c.imagine(config=config, dynamics=fit.outputs["dynamics_out"], policy=states["policy"],
+                       real_manifest=real, model_manifest_in=states["model_manifest"],
+                       rollout_in=states["rollout"], run_url=run_url, round_index=rnd,
+                       env_steps=env_steps, device=device)
+        up = c.update_sac(config=config, agent_in=states["agent"], real_manifest=real,
+                          model_manifest=im.outputs["model_manifest_out"], run_url=run_url,
+                          round_index=rnd, env_steps=env_steps, device=device)
+        last = c.evaluate(config=config, policy=up.outputs["policy_out"], run_url=run_url,
+                          round_index=rnd, env_steps=env_steps)
+        for task, step in ((col, "collect"), (fit, "fit_ensemble"), (im, "imagine"),
+                           (up, "update_sac"), (last, "evaluate")):
+            task.set_display_name(f"r{i} {step}")
+            # Steps write shards and run records as side effects: never serve them from cache.
+            task.set_caching_options(False)
+        states = states | {
+            "collector": col.outputs["collector_out"], "real_manifest": real,
+            "dynamics": fit.outputs["dynamics_out"],
+            "model_manifest": im.outputs["model_manifest_out"], "rollout": im.outputs["rollout_out"],
+            "agent": up.outputs["agent_out"], "policy": up.outputs["policy_out"],
+        }
+        prev_round = rnd
+    fin = c.finalize(config=config, policy=states["policy"], run_url=run_url,
+                     round_index=prev_round, env_steps=env_steps)
+    fin.after(last)
+    fin.set_caching_options(False)
+    fin.set_display_name("finalize")
+    return fin
+
+
+def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, namespace: str,
+                   experiment: str, rounds_per_run: int, image: str) -> str:
+    """Submit the next pipeline run of this training run (chaining from inside the cluster)."""
+    from pipelines.chain import existing_run
+    from pipelines.submit import ClusterTarget, submit_next
+
+    run = existing_run(run_url, total_steps, device)
+    ckpt = run.store.checkpoint()
+    name = run_url.rstrip("/").rsplit("/", 1)[-1] + f"-from-r{ckpt.round + 1 if ckpt else 0}"
+    target = ClusterTarget(kfp_host or None, namespace or None, experiment, image, rounds_per_run,
+                           chain_in_cluster=True)
+    return submit_next(run, target, name) or ""
+
+
+def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE) -> Callable:
+    """A pipeline of ``rounds`` rounds; with ``resume`` it continues from imported states.
+
+    With ``chain_in_cluster=True`` at submission, its last task submits the next pipeline run of
+    the chain to the KFP API (``kfp_host``, empty inside the cluster) until ``total_steps``."""
+    if rounds < 1:
+        raise ValueError(f"rounds = {rounds} must be >= 1")
+    c = make_components(image)
+    chain_op = dsl.component(continue_chain, base_image=image, install_kfp_package=False)
+
+    def start(env, seed, overrides, run_url, total_steps):
+        init = c.init_run(env=env, seed=seed, overrides=overrides, run_url=run_url,
+                          total_steps=total_steps)
+        init.set_caching_options(False)
+        return init.outputs["config"]
+
+    def finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace, experiment,
+               rounds_per_run, next_image):
+        with dsl.If(chain_in_cluster == True, name="chain-in-cluster"):  # noqa: E712 (KFP condition)
+            nxt = chain_op(run_url=run_url, total_steps=total_steps, device=device,
+                           kfp_host=kfp_host, namespace=namespace, experiment=experiment,
+                           rounds_per_run=rounds_per_run, image=next_image).after(fin)
+            nxt.set_caching_options(False)
+            nxt.set_display_name("submit next run")
+
+    if not resume:
+        @dsl.pipeline(name=PIPELINE_NAME, description=f"MBPO, {rounds} rounds from scratch")
+        def mbpo(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
+                 device: str = "cpu", chain_in_cluster: bool = False, kfp_host: str = "",
+                 namespace: str = "", experiment: str = "mbpo",
+                 rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
+            config = start(env, seed, overrides, run_url, total_steps)
+            init = c.init_states(config=config)
+            init.set_caching_options(False)
+            states = {name: init.outputs[name] for name in STATE_TYPES}
+            fin = _rounds(c, rounds, config, states, run_url, total_steps, device, 0, -1)
+            finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
+                   experiment, rounds_per_run, next_image)
+        return mbpo
+
+    @dsl.pipeline(name=f"{PIPELINE_NAME}-continue",
+                  description=f"MBPO, {rounds} more rounds from the states of a stored round")
+    def mbpo_continue(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
+                      start_env_steps: int, last_round: int, collector_uri: str,
+                      real_manifest_uri: str, dynamics_uri: str, model_manifest_uri: str,
+                      rollout_uri: str, agent_uri: str, policy_uri: str, device: str = "cpu",
+                      chain_in_cluster: bool = False, kfp_host: str = "", namespace: str = "",
+                      experiment: str = "mbpo", rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN,
+                      next_image: str = image):
+        config = start(env, seed, overrides, run_url, total_steps)
+        uris = {"collector": collector_uri, "real_manifest": real_manifest_uri,
+                "dynamics": dynamics_uri, "model_manifest": model_manifest_uri,
+                "rollout": rollout_uri, "agent": agent_uri, "policy": policy_uri}
+        states = {}
+        for name, kind in STATE_TYPES.items():
+            imp = dsl.importer(artifact_uri=uris[name], artifact_class=kind, reimport=False)
+            imp.set_display_name(f"import {name}")
+            states[name] = imp.output
+        fin = _rounds(c, rounds, config, states, run_url, total_steps, device, start_env_steps,
+                      last_round)
+        finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
+               experiment, rounds_per_run, next_image)
+    return mbpo_continue
+
+
+def compile_pipeline(rounds: int, path: str | Path, resume: bool = False,
+                     image: str = DEFAULT_IMAGE) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(rounds, resume, image), str(path))
+    return path
