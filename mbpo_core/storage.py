@@ -122,14 +122,24 @@ def s3_endpoint_url() -> str | None:
             or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
-@lru_cache(maxsize=8)
 def _s3_client(endpoint_url: str | None):  # noqa: ANN202 (boto3 client type)
+    # one client per endpoint and credential set (credentials may change, e.g. rotated secrets)
+    return _cached_client(endpoint_url, os.environ.get("AWS_ACCESS_KEY_ID"),
+                          os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                          int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
+
+
+@lru_cache(maxsize=8)
+def _cached_client(endpoint_url: str | None, access_key: str | None, secret_key: str | None,
+                   max_attempts: int):  # noqa: ANN202
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
+    # "standard" retries back off exponentially on throttling, 5xx and connection errors
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5,
                     read_timeout=60, signature_version="s3v4", s3={"addressing_style": "path"})
     return boto3.client("s3", endpoint_url=endpoint_url, config=config,
+                        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
                         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
@@ -244,10 +254,10 @@ def split_uri(uri: str) -> tuple[ObjectStore, str]:
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         return S3Store(parsed.netloc), parsed.path.lstrip("/")
-    if parsed.scheme == "file":
+    if parsed.scheme in ("file", ""):  # kfp.local names its artifacts by plain paths
         path = Path(parsed.path)
         return LocalStore(path.parent), path.name
-    raise StorageError(f"object URI {uri!r} is not an s3:// or file:// URI")
+    raise StorageError(f"object URI {uri!r} is not an s3://, file:// or local path")
 
 
 def read_uri(uri: str) -> bytes:

@@ -67,7 +67,7 @@ def new_run(env: str, seed: int, overrides: list[str], total_steps: int, store_u
         raise ConfigError(f"--run-name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
     run = TrainingRun(env, seed, list(overrides), total_steps,
                       open_store(store_url).uri(f"runs/{name}"), device)
-    if run.store.read_info() is not None:
+    if run.store.store.exists("run.json"):
         raise ConfigError(f"a run named {name!r} already exists at {run.run_url}; continue it with "
                           f"--resume-from {run.run_url} or pick another --run-name")
     return run

@@ -45,6 +45,8 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
             with warnings.catch_warnings():
                 # the project image's name does not contain "python"; it does hold this package
                 warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+                # display names are for the KFP UI; kfp.local has none
+                warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
                 pipeline(**step.arguments)
         except Exception as e:  # kfp.local raises RuntimeError naming the failed task
             raise PipelineRunError(f"{e}\nthe training run is stored at {run.run_url}; continue it "

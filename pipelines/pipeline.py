@@ -34,6 +34,10 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
         col = c.collect(config=config, collector_in=states["collector"], policy=states["policy"],
                         real_manifest_in=states["real_manifest"], run_url=run_url,
                         total_steps=total_steps, env_steps=env_steps, prev_round=prev_round)
+        if last is not None:
+            # A round is complete once evaluated (mbpo_core.runstore): finish it before the next
+            # starts, so a stopped run never leaves a later round recorded but an earlier one not.
+            col.after(last)
         env_steps, rnd = col.outputs["env_steps"], col.outputs["round_index"]
         real = col.outputs["real_manifest_out"]
         fit = c.fit_ensemble(config=config, dynamics_in=states["dynamics"], real_manifest=real,

