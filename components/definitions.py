@@ -3,8 +3,9 @@
 Each is a lightweight Python component declared with the project image as ``base_image`` and
 ``install_kfp_package=False``: on a cluster the image already holds kfp, ``mbpo_core`` and this
 package, so nothing is pip-installed at run time; under ``kfp.local``'s SubprocessRunner the same
-definition runs in the current environment. Bodies only forward to :mod:`components.ops`; KFP
-serializes a body's source, so its imports live inside it.
+definition runs in the current environment. Bodies only forward to :mod:`components.ops`
+through :func:`components.worker.run_step` (in-process, or on ``mbpo run``'s warm step server);
+KFP serializes a body's source, so its imports live inside it.
 """
 
 
@@ -20,17 +21,19 @@ from components import DEFAULT_IMAGE
 def init_run(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
              config: Output[Artifact]):
     """Validate the whole configuration and set up (or check) the run's storage prefix."""
-    from components import ops
-    ops.init_run(env, seed, overrides, run_url, total_steps, config)
+    from components.worker import run_step
+    run_step("init_run", env=env, seed=seed, overrides=overrides, run_url=run_url,
+             total_steps=total_steps, config=config)
 
 
 def init_states(config: Input[Artifact], collector: Output[Artifact], dynamics: Output[Model],
                 agent: Output[Model], policy: Output[Model], rollout: Output[Artifact],
                 real_manifest: Output[Dataset], model_manifest: Output[Dataset]):
     """The initial states of a fresh run."""
-    from components import ops
-    ops.init_states(config, collector, dynamics, agent, policy, rollout, real_manifest,
-                    model_manifest)
+    from components.worker import run_step
+    run_step("init_states", config=config, collector=collector, dynamics=dynamics, agent=agent,
+             policy=policy, rollout=rollout, real_manifest=real_manifest,
+             model_manifest=model_manifest)
 
 
 def collect(config: Input[Artifact], collector_in: Input[Artifact], policy: Input[Model],
@@ -38,10 +41,12 @@ def collect(config: Input[Artifact], collector_in: Input[Artifact], policy: Inpu
             prev_round: int, collector_out: Output[Artifact], real_manifest_out: Output[Dataset],
             metrics: Output[Metrics]) -> NamedTuple("CollectOutputs", env_steps=int, round_index=int):
     """Step the real environment with the current policy; store the new rows as a shard."""
-    from components import ops
-    steps, round_index = ops.collect(config, collector_in, policy, real_manifest_in, run_url,
-                                     total_steps, env_steps, prev_round, collector_out,
-                                     real_manifest_out, metrics)
+    from components.worker import run_step
+    steps, round_index = run_step(
+        "collect", config=config, collector_in=collector_in, policy=policy,
+        real_manifest_in=real_manifest_in, run_url=run_url, total_steps=total_steps,
+        env_steps=env_steps, prev_round=prev_round, collector_out=collector_out,
+        real_manifest_out=real_manifest_out, metrics=metrics)
     return NamedTuple("CollectOutputs", env_steps=int, round_index=int)(steps, round_index)
 
 
@@ -49,9 +54,10 @@ def fit_ensemble(config: Input[Artifact], dynamics_in: Input[Model], real_manife
                  run_url: str, round_index: int, env_steps: int, device: str,
                  dynamics_out: Output[Model], metrics: Output[Metrics]):
     """Fit the probabilistic dynamics ensemble on all real transitions."""
-    from components import ops
-    ops.fit_ensemble_step(config, dynamics_in, real_manifest, run_url, round_index, env_steps,
-                          device, dynamics_out, metrics)
+    from components.worker import run_step
+    run_step("fit_ensemble_step", config=config, dynamics_in=dynamics_in,
+             real_manifest=real_manifest, run_url=run_url, round_index=round_index,
+             env_steps=env_steps, device=device, dynamics_out=dynamics_out, metrics=metrics)
 
 
 def imagine(config: Input[Artifact], dynamics: Input[Model], policy: Input[Model],
@@ -60,10 +66,12 @@ def imagine(config: Input[Artifact], dynamics: Input[Model], policy: Input[Model
             model_manifest_out: Output[Dataset], rollout_out: Output[Artifact],
             metrics: Output[Metrics]):
     """Generate k-step model rollouts from real start states; store them as a shard."""
-    from components import ops
-    ops.imagine_step(config, dynamics, policy, real_manifest, model_manifest_in, rollout_in,
-                     run_url, round_index, env_steps, device, model_manifest_out, rollout_out,
-                     metrics)
+    from components.worker import run_step
+    run_step("imagine_step", config=config, dynamics=dynamics, policy=policy,
+             real_manifest=real_manifest, model_manifest_in=model_manifest_in,
+             rollout_in=rollout_in, run_url=run_url, round_index=round_index,
+             env_steps=env_steps, device=device, model_manifest_out=model_manifest_out,
+             rollout_out=rollout_out, metrics=metrics)
 
 
 def update_sac(config: Input[Artifact], agent_in: Input[Model], real_manifest: Input[Dataset],
@@ -71,23 +79,27 @@ def update_sac(config: Input[Artifact], agent_in: Input[Model], real_manifest: I
                device: str, agent_out: Output[Model], policy_out: Output[Model],
                metrics: Output[Metrics]):
     """SAC gradient steps on mixed real and imagined batches."""
-    from components import ops
-    ops.update_sac_step(config, agent_in, real_manifest, model_manifest, run_url, round_index,
-                        env_steps, device, agent_out, policy_out, metrics)
+    from components.worker import run_step
+    run_step("update_sac_step", config=config, agent_in=agent_in, real_manifest=real_manifest,
+             model_manifest=model_manifest, run_url=run_url, round_index=round_index,
+             env_steps=env_steps, device=device, agent_out=agent_out, policy_out=policy_out,
+             metrics=metrics)
 
 
 def evaluate(config: Input[Artifact], policy: Input[Model], run_url: str, round_index: int,
              env_steps: int, metrics: Output[Metrics]) -> float:
     """Deterministic-policy return on fresh episodes; completes the round's record."""
-    from components import ops
-    return ops.evaluate_step(config, policy, run_url, round_index, env_steps, metrics)
+    from components.worker import run_step
+    return run_step("evaluate_step", config=config, policy=policy, run_url=run_url,
+                    round_index=round_index, env_steps=env_steps, metrics=metrics)
 
 
 def finalize(config: Input[Artifact], policy: Input[Model], run_url: str, round_index: int,
              env_steps: int, final_policy: Output[Model], summary: Output[Artifact]):
     """Publish the policy and the run's summary."""
-    from components import ops
-    ops.finalize(config, policy, run_url, round_index, env_steps, final_policy, summary)
+    from components.worker import run_step
+    run_step("finalize", config=config, policy=policy, run_url=run_url, round_index=round_index,
+             env_steps=env_steps, final_policy=final_policy, summary=summary)
 
 
 STEP_FUNCTIONS = (init_run, init_states, collect, fit_ensemble, imagine, update_sac, evaluate,

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(r, local=True)
     r.add_argument("--threads", type=_positive, default=None,
                    help="torch intra-op threads in every step (default: torch's choice)")
+    r.add_argument("--no-warm-workers", action="store_true",
+                   help="start every step as a cold Python process (slower; same results)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="compile the pipeline to KFP YAML",
@@ -222,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["MBPO_THREADS"] = str(args.threads)
     log.info("training run %s", run.run_url)
-    result = run_local(run, args.out, args.rounds_per_run)
+    result = run_local(run, args.out, args.rounds_per_run, warm_workers=not args.no_warm_workers)
     log.info("done: %d env steps, eval return %s, %.0f s; wrote %s", result["env_steps"],
              result["eval_return"], result["wall_s"], args.out)
     return 0
@@ -264,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"mbpo: storage error: {e}", file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        if type(e).__name__ not in ("PipelineRunError", "SubmitError"):
+            raise
+        print(f"mbpo: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

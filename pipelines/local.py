@@ -6,6 +6,7 @@ same component definitions that run in the project image on a cluster run here u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -27,9 +28,14 @@ class PipelineRunError(RuntimeError):
 
 
 def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN,
-              pipeline_root: Path | None = None) -> dict[str, Any]:
-    """Chain local pipeline runs until ``run.total_steps``; write OUT/summary.json and policy.pt."""
+              pipeline_root: Path | None = None, warm_workers: bool = True) -> dict[str, Any]:
+    """Chain local pipeline runs until ``run.total_steps``; write OUT/summary.json and policy.pt.
+
+    With ``warm_workers`` each task hands its step to a server that has torch imported already
+    (:mod:`components.worker`), saving about 3 s of imports per task; results are identical."""
     from kfp import local
+
+    from components.worker import StepServer
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_url": run.run_url}, indent=1))
@@ -38,6 +44,16 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True)
     start = time.perf_counter()
+    with StepServer() if warm_workers else contextlib.nullcontext():
+        _chain(run, rounds_per_run)
+    result = summary(run, time.perf_counter() - start)
+    (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    shutil.rmtree(root / ".tmp", ignore_errors=True)
+    return result
+
+
+def _chain(run: TrainingRun, rounds_per_run: int) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
         pipeline = build_pipeline(step.rounds, resume=step.resume)
@@ -51,8 +67,3 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
         except Exception as e:  # kfp.local raises RuntimeError naming the failed task
             raise PipelineRunError(f"{e}\nthe training run is stored at {run.run_url}; continue it "
                                    f"with: mbpo run --resume-from {run.run_url}") from e
-    result = summary(run, time.perf_counter() - start)
-    (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
-    shutil.rmtree(root / ".tmp", ignore_errors=True)
-    return result

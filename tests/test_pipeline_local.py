@@ -45,11 +45,13 @@ def _final_real_manifest(run_url: str) -> ShardManifest:
 
 
 def test_pipeline_on_s3_equals_in_process_training(tmp_path, s3_env):
-    """Three rounds as a chain of two pipeline runs (2 + 1 rounds), replay data on SeaweedFS."""
+    """Three rounds as a chain of two pipeline runs (2 + 1 rounds), replay data on SeaweedFS, every
+    step in its own cold process as in a cluster pod."""
     out = tmp_path / "pipeline"
     store_url = f"s3://{s3_env}/mbpo"
     rc = main(["run", "--env", ENV, "--total-steps", "200", "--seed", "1", "--out", str(out),
-               "--store", store_url, "--run-name", "eq", "--rounds-per-run", "2", "--set", *TINY])
+               "--store", store_url, "--run-name", "eq", "--rounds-per-run", "2", "--no-warm-workers",
+               "--set", *TINY])
     assert rc == 0
     _assert_same_run(out, _train(tmp_path, 200, 1))
 
