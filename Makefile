@@ -8,7 +8,7 @@ STEPS  ?= 5000
 SEED   ?= 0
 OUT    ?= runs/$(ENV)-seed$(SEED)
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run train test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The pipeline under kfp.local; replay shards and run records in a local object store.
 run: setup
-	OMP_NUM_THREADS=2 $(VENV)/bin/mbpo train --env $(ENV) --total-steps $(STEPS) --seed $(SEED) --out $(OUT)
+	OMP_NUM_THREADS=2 $(VENV)/bin/mbpo run --env $(ENV) --total-steps $(STEPS) --seed $(SEED) \
+		--out $(OUT) --store runs/store
+
+# The same training in one process.
+train: setup
+	OMP_NUM_THREADS=2 $(VENV)/bin/mbpo train --env $(ENV) --total-steps $(STEPS) --seed $(SEED) --out $(OUT)-train
 
 test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
@@ -30,9 +36,11 @@ test: setup
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) benchmarks/speed.py
 	OMP_NUM_THREADS=2 $(PY) benchmarks/learning.py --env InvertedPendulum-v5 --seeds 0 1 2 --total-steps 5000
+	OMP_NUM_THREADS=2 $(PY) benchmarks/pipeline.py overhead --env InvertedPendulum-v5 --total-steps 1500 --cold
+	OMP_NUM_THREADS=2 $(PY) benchmarks/pipeline.py bytes --env Hopper-v5
 
 lint: setup
-	$(VENV)/bin/ruff check mbpo_core tests benchmarks
+	$(VENV)/bin/ruff check mbpo_core components pipelines tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -105,18 +105,18 @@ class RunStore:
                      for name, step in CHECKPOINT_ARTIFACTS.items()}
         return Checkpoint(r, int(records["collect"]["env_steps"]), artifacts)
 
+    def round_metrics(self, round_index: int) -> tuple[int, dict[str, float]]:
+        """(env_steps, the metrics of all its steps) of one complete round."""
+        merged: dict[str, float] = {}
+        for step in STEPS:
+            rec = self.read_record(round_index, step)
+            merged |= {k: (math.nan if v is None else v) for k, v in rec["metrics"].items()}
+        return int(self.read_record(round_index, "collect")["env_steps"]), merged
+
     def metrics(self, upto_round: int | None = None) -> list[tuple[int, dict[str, float]]]:
         """(env_steps, merged metrics of all steps) per complete round, in order."""
-        out = []
-        for r in self.complete_rounds():
-            if upto_round is not None and r > upto_round:
-                break
-            merged: dict[str, float] = {}
-            for step in STEPS:
-                rec = self.read_record(r, step)
-                merged |= {k: (math.nan if v is None else v) for k, v in rec["metrics"].items()}
-            out.append((int(self.read_record(r, "collect")["env_steps"]), merged))
-        return out
+        return [self.round_metrics(r) for r in self.complete_rounds()
+                if upto_round is None or r <= upto_round]
 
     def curve(self, upto_round: int | None = None) -> list[list[float]]:
         return [[steps, m["eval/return_mean"], m["eval/return_std"]]

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(r, local=True)
     r.add_argument("--threads", type=_positive, default=None,
                    help="torch intra-op threads in every step (default: torch's choice)")
+    r.add_argument("--keep-artifacts", action="store_true",
+                   help="keep every pipeline run's KFP artifacts under OUT/kfp-root (default: only "
+                        "those the chain still needs)")
+    r.add_argument("--verbose", action="store_true",
+                   help="print kfp.local's task logs here instead of only to OUT/pipeline.log")
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument("--no-warm-workers", action="store_true",
                    help="start every step as a cold Python process (slower; same results)")
     r.set_defaults(func=cmd_run)
@@ -224,7 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["MBPO_THREADS"] = str(args.threads)
     log.info("training run %s", run.run_url)
-    result = run_local(run, args.out, args.rounds_per_run, warm_workers=not args.no_warm_workers)
+    result = run_local(run, args.out, args.rounds_per_run, warm_workers=not args.no_warm_workers,
+                       keep_artifacts=args.keep_artifacts, verbose=args.verbose,
+                       progress=not args.no_progress)
     log.info("done: %d env steps, eval return %s, %.0f s; wrote %s", result["env_steps"],
              result["eval_return"], result["wall_s"], args.out)
     return 0

@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import shutil
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +30,15 @@ class PipelineRunError(RuntimeError):
 
 
 def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN,
-              pipeline_root: Path | None = None, warm_workers: bool = True) -> dict[str, Any]:
+              pipeline_root: Path | None = None, warm_workers: bool = True,
+              keep_artifacts: bool = False, verbose: bool = False, progress: bool = True
+              ) -> dict[str, Any]:
     """Chain local pipeline runs until ``run.total_steps``; write OUT/summary.json and policy.pt.
 
     With ``warm_workers`` each task hands its step to a server that has torch imported already
-    (:mod:`components.worker`), saving about 3 s of imports per task; results are identical."""
+    (:mod:`components.worker`), saving about 3 s of imports per task; results are identical.
+    kfp.local's task logs go to OUT/pipeline.log (to the console with ``verbose``), and a
+    progress bar follows the run's round records."""
     from kfp import local
 
     from components.worker import StepServer
@@ -44,8 +50,16 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True)
     start = time.perf_counter()
-    with StepServer() if warm_workers else contextlib.nullcontext():
-        _chain(run, rounds_per_run)
+    log_path = out / "pipeline.log"
+    with contextlib.ExitStack() as stack:
+        if warm_workers:
+            stack.enter_context(StepServer())
+        if not verbose:
+            log.info("task logs: %s", log_path)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
+                open(log_path, "a", buffering=1))))
+        stack.enter_context(_Progress(run, enabled=progress))
+        _chain(run, rounds_per_run, root, keep_artifacts)
     result = summary(run, time.perf_counter() - start)
     (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -53,7 +67,61 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     return result
 
 
-def _chain(run: TrainingRun, rounds_per_run: int) -> None:
+class _Progress:
+    """A tqdm bar over env steps, fed by polling the run's round records from a thread."""
+
+    def __init__(self, run: TrainingRun, enabled: bool, every_s: float = 2.0) -> None:
+        self.run, self.enabled, self.every_s = run, enabled, every_s
+        self.stop = threading.Event()
+        self.last: int | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.run.total_steps, unit="step", desc=self.run.env,
+                            dynamic_ncols=True, file=sys.stderr)
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _update(self) -> None:
+        rounds = self.run.store.complete_rounds()
+        if rounds and rounds[-1] != self.last:
+            self.last = rounds[-1]
+            steps, m = self.run.store.round_metrics(rounds[-1])
+            self.bar.update(steps - self.bar.n)
+            self.bar.set_postfix(round=rounds[-1], ret=f"{m['eval/return_mean']:.1f}",
+                                 k=int(m["rollout/length"]))
+
+    def _poll(self) -> None:
+        while not self.stop.wait(self.every_s):
+            with contextlib.suppress(Exception):  # a record mid-write: next poll
+                self._update()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            with contextlib.suppress(Exception):
+                self._update()
+            self.bar.close()
+
+
+def _prune(root: Path, run: TrainingRun) -> None:
+    """Delete the artifacts of earlier pipeline runs: the chain continues from the last complete
+    round's states only, so a long local run keeps one pipeline run's worth on disk."""
+    ckpt = run.store.checkpoint()
+    if ckpt is None:
+        return
+    keep = {Path(uri.removeprefix("file://")).resolve() for uri in ckpt.artifacts.values()}
+    for pipeline_run in root.iterdir():
+        if pipeline_run.is_dir() and not pipeline_run.name.startswith(".") and not any(
+                pipeline_run.resolve() in k.parents for k in keep):
+            shutil.rmtree(pipeline_run, ignore_errors=True)
+
+
+def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bool) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
         pipeline = build_pipeline(step.rounds, resume=step.resume)
@@ -67,3 +135,5 @@ def _chain(run: TrainingRun, rounds_per_run: int) -> None:
         except Exception as e:  # kfp.local raises RuntimeError naming the failed task
             raise PipelineRunError(f"{e}\nthe training run is stored at {run.run_url}; continue it "
                                    f"with: mbpo run --resume-from {run.run_url}") from e
+        if not keep_artifacts:
+            _prune(root, run)

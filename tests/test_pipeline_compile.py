@@ -106,3 +106,42 @@ def test_spec_size_grows_linearly_and_stays_submittable(tmp_path):
     assert abs((sizes[10] - sizes[1]) - 9 * per_round) < 0.02 * sizes[10]
     # default chunk: Argo's object is about 2.85x the spec; etcd refuses more than 1.5 MiB
     assert 2.85 * sizes[10] < 1.5 * 2**20
+
+
+def test_chain_arguments_match_the_pipeline_parameters(tmp_path):
+    """What a driver passes to the next run of a chain is exactly what the pipeline takes."""
+    from mbpo_core.runstore import RunStore
+    from pipelines.chain import new_run, next_run
+
+    run = new_run("Hopper-v5", 0, [], 20_000, str(tmp_path / "store"), "w")
+    fresh = next_run(run, 10)
+    assert fresh.rounds == 10 and not fresh.resume
+    # pretend round 3 completed: records naming its artifacts
+    rs = RunStore(run.run_url)
+    for step, names in {"collect": ["collector", "real_manifest"], "fit_ensemble": ["dynamics"],
+                        "imagine": ["model_manifest", "rollout"], "update_sac": ["agent", "policy"],
+                        "evaluate": []}.items():
+        for r in range(4):
+            rs.write_record(r, step, 5000 + 250 * r, {}, {n: f"s3://b/{n}{r}" for n in names})
+    cont = next_run(run, 10)
+    assert cont.resume and cont.arguments["last_round"] == 3
+    assert cont.arguments["start_env_steps"] == 5750 and cont.arguments["policy_uri"] == "s3://b/policy3"
+    assert cont.rounds == 10  # (20000 - 5750) / 250 = 57 rounds left, 10 per run
+    for args, flag in ((fresh.arguments, []), (cont.arguments, ["--continuation"])):
+        spec = _compile(tmp_path, 1, *flag)
+        params = spec["root"]["inputDefinitions"]["parameters"]
+        assert set(args) <= set(params)
+        required = {k for k, v in params.items() if not v.get("isOptional")}
+        assert required <= set(args)
+    chained = set(cont.arguments) | {"chain_in_cluster", "kfp_host", "namespace", "experiment",
+                                     "rounds_per_run", "next_image"}
+    assert chained <= set(params)
+
+
+def test_submit_needs_an_s3_store(tmp_path):
+    from pipelines.chain import new_run
+    from pipelines.submit import ClusterTarget, submit_next
+
+    run = new_run("Hopper-v5", 0, [], 20_000, str(tmp_path / "store"), "w")
+    with pytest.raises(Exception, match="must be an s3:// URL"):
+        submit_next(run, ClusterTarget(host="http://127.0.0.1:9"), "x")

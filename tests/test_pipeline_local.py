@@ -64,6 +64,8 @@ def test_pipeline_on_s3_equals_in_process_training(tmp_path, s3_env):
     assert sorted(f"{run_url}/{k}" for k in stored) == sorted(s.uri for s in manifest.shards)
     assert RunStore(run_url).complete_rounds() == [0, 1, 2]
     assert open_store(run_url).exists("policy.pt")
+    # the first pipeline run's artifacts were pruned once the second had taken over
+    assert len([p for p in (out / "kfp-root").iterdir() if not p.name.startswith(".")]) == 1
 
 
 def test_resume_after_a_killed_run_loses_and_duplicates_nothing(tmp_path):
