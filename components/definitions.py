@@ -19,11 +19,15 @@ from components import DEFAULT_IMAGE
 
 
 def init_run(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
+             tracking_uri: str, mlflow_experiment: str, kfp_run_id: str, image: str,
              config: Output[Artifact]):
-    """Validate the whole configuration and set up (or check) the run's storage prefix."""
+    """Validate the whole configuration, set up (or check) the run's storage prefix, and create
+    (or reopen) the training run's MLflow run."""
     from components.worker import run_step
     run_step("init_run", env=env, seed=seed, overrides=overrides, run_url=run_url,
-             total_steps=total_steps, config=config)
+             total_steps=total_steps, config=config, tracking_uri=tracking_uri,
+             experiment=mlflow_experiment,
+             tags={"kfp.pipeline_run_id": kfp_run_id, "image": image})
 
 
 def init_states(config: Input[Artifact], collector: Output[Artifact], dynamics: Output[Model],
@@ -95,11 +99,13 @@ def evaluate(config: Input[Artifact], policy: Input[Model], run_url: str, round_
 
 
 def finalize(config: Input[Artifact], policy: Input[Model], run_url: str, round_index: int,
-             env_steps: int, final_policy: Output[Model], summary: Output[Artifact]):
-    """Publish the policy and the run's summary."""
+             env_steps: int, total_steps: int, registered_model: str,
+             final_policy: Output[Model], summary: Output[Artifact]):
+    """Publish the policy and the run's summary; at the end, log and register it in MLflow."""
     from components.worker import run_step
     run_step("finalize", config=config, policy=policy, run_url=run_url, round_index=round_index,
-             env_steps=env_steps, final_policy=final_policy, summary=summary)
+             env_steps=env_steps, final_policy=final_policy, summary=summary,
+             total_steps=total_steps, registered_model=registered_model)
 
 
 STEP_FUNCTIONS = (init_run, init_states, collect, fit_ensemble, imagine, update_sac, evaluate,

@@ -90,13 +90,27 @@ def _actor(cfg: MBPOConfig, policy: ArtifactLike, device: str = "cpu") -> Actor:
     return actor.to(device)
 
 
+def _tracker(run: RunStore, info: dict[str, Any] | None = None):  # noqa: ANN202 (Tracker | None)
+    """The training run's MLflow run, if it is tracked (run.json says where)."""
+    info = info if info is not None else run.read_info()
+    tracking = (info or {}).get("tracking") or {}
+    if not tracking.get("run_id"):
+        return None
+    from mbpo_core.tracking import Tracker
+
+    return Tracker(tracking["uri"], tracking["run_id"])
+
+
 def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics: dict[str, float],
             started: float, artifacts: dict[str, ArtifactLike], out: MetricsLike) -> None:
-    """Report a step: its timing, KFP metrics, and the run record naming its outputs."""
+    """Report a step: its timing, KFP metrics, MLflow, and the run record naming its outputs."""
     metrics = metrics | {f"time/{step}_s": time.perf_counter() - started}
     for name, value in metrics.items():
         if math.isfinite(value):
             out.log_metric(name, float(value))
+    tracker = _tracker(run)
+    if tracker is not None:
+        tracker.log_metrics(metrics, env_steps)
     run.write_record(round_index, step, env_steps, metrics, {k: a.uri for k, a in artifacts.items()})
     log.info("round %d %s done in %.1f s (env_steps %d)", round_index, step,
              metrics[f"time/{step}_s"], env_steps)
@@ -104,17 +118,24 @@ def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics:
 
 # --------------------------------------------------------------------------------------------
 def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_steps: int,
-             config: ArtifactLike) -> None:
-    """Validate everything before any step runs; create (or check) the run's storage prefix."""
+             config: ArtifactLike, tracking_uri: str = "", experiment: str = "mbpo",
+             tags: dict[str, str] | None = None) -> None:
+    """Validate everything before any step runs; create (or check) the run's storage prefix;
+    create the training run's MLflow run, or reopen it when continuing."""
     _setup()
     cfg = make_config(env, overrides, seed=seed)
     if total_steps < 1:
         raise ConfigError(f"total_steps = {total_steps} must be >= 1")
+    if tracking_uri:
+        from mbpo_core.tracking import check_tracking_uri
+
+        check_tracking_uri(tracking_uri)
     run = RunStore(run_url)
     run.store.check()
     info = run.read_info()
     if info is None:
         run.write_info(cfg, total_steps, overrides)
+        info = run.read_info()
     elif info["config"] != json.loads(cfg.to_json()):
         stored = MBPOConfig.from_dict(info["config"]).flat()
         diff = {k: (stored.get(k), v) for k, v in cfg.flat().items() if stored.get(k) != v}
@@ -122,6 +143,19 @@ def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_step
                           f"(stored, given): {diff}")
     Path(config.path).parent.mkdir(parents=True, exist_ok=True)
     Path(config.path).write_text(cfg.to_json())
+    tags = {k: v for k, v in (tags or {}).items() if v}
+    tracker = _tracker(run, info)
+    if tracker is not None:
+        tracker.reopen()
+        tracker.set_tags(tags)
+    elif tracking_uri:
+        from mbpo_core.tracking import Tracker
+
+        name = run_url.rstrip("/").rsplit("/", 1)[-1]
+        tracker = Tracker.create(tracking_uri, cfg, experiment=experiment, run_name=name,
+                                 tags=tags | {"mbpo.run_url": run_url})
+        run.update_info(tracking={"uri": tracking_uri, "run_id": tracker.run_id,
+                                  "experiment": experiment})
     log.info("run %s: %s seed %d, %d env steps", run_url, cfg.env, cfg.seed, total_steps)
 
 
@@ -220,14 +254,19 @@ def evaluate_step(config: ArtifactLike, policy: ArtifactLike, run_url: str, roun
     started = _setup()
     cfg = _config(config)
     mean, std, _ = evaluate(cfg, _actor(cfg, policy), env_steps)
-    _finish(RunStore(run_url), "evaluate", round_index, env_steps, eval_metrics(mean, std), started,
-            {}, metrics)
+    run = RunStore(run_url)
+    _finish(run, "evaluate", round_index, env_steps, eval_metrics(mean, std), started, {}, metrics)
+    tracker = _tracker(run)
+    if tracker is not None:
+        tracker.log_curve(run.curve(round_index), f"{cfg.env}, seed {cfg.seed}")
     return mean
 
 
 def finalize(config: ArtifactLike, policy: ArtifactLike, run_url: str, round_index: int,
-             env_steps: int, final_policy: ArtifactLike, summary: ArtifactLike) -> None:
-    """Publish the policy and a summary of the run so far under the run's prefix."""
+             env_steps: int, final_policy: ArtifactLike, summary: ArtifactLike,
+             total_steps: int = 0, registered_model: str = "") -> None:
+    """Publish the policy and a summary of the run so far under the run's prefix; when training
+    is complete, log the policy as an MLflow model, register it and end the MLflow run."""
     _setup()
     cfg, run = _config(config), RunStore(run_url)
     curve = run.curve(round_index)
@@ -241,3 +280,21 @@ def finalize(config: ArtifactLike, policy: ArtifactLike, run_url: str, round_ind
     run.store.put("summary.json", json.dumps(data, indent=1).encode())
     log.info("run %s: published policy after %d env steps (eval return %s)", run_url, env_steps,
              data["eval_return"])
+    tracker = _tracker(run)
+    if tracker is not None and env_steps >= total_steps:
+        log_final_policy(tracker, cfg, _actor(cfg, policy), registered_model)
+        tracker.finish()
+
+
+def log_final_policy(tracker: Any, cfg: MBPOConfig, actor: Actor, registered_model: str) -> None:
+    """The policy as an MLflow model with the env's action bounds, registered by name."""
+    from mbpo_core.envs import make_env
+
+    env = make_env(cfg.env, 0, cfg.max_episode_steps)
+    low, high = (torch.as_tensor(b, dtype=torch.float32) for b in
+                 (env.action_space.low, env.action_space.high))
+    env.close()
+    uri = tracker.log_policy(actor, ENV_SPECS[cfg.env].obs_dim, low, high,
+                             registered_model or None)
+    log.info("logged the policy to MLflow as %s%s", uri,
+             f", registered as {registered_model!r}" if registered_model else "")

@@ -145,6 +145,11 @@ def _serve_one(conn: socket.socket) -> None:
 def serve(address: str) -> None:
     """Import the heavy modules once, then fork a child per step request."""
     importlib.import_module("components.ops")
+    try:  # steps of tracked runs log to MLflow: import it once here too
+        importlib.import_module("mbpo_core.tracking")
+        importlib.import_module("mlflow.tracking")
+    except ImportError:
+        pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     parent = os.getppid()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:

@@ -56,6 +56,12 @@ class RunStore:
                 "overrides": list(overrides), "config": cfg.to_dict()}
         self.store.put("run.json", json.dumps(info, indent=1).encode())
 
+    def update_info(self, **fields: Any) -> None:
+        info = self.read_info()
+        if info is None:
+            raise StorageError(f"no run at {self.url} (run.json is missing)")
+        self.store.put("run.json", json.dumps(info | fields, indent=1).encode())
+
     def read_info(self) -> dict[str, Any] | None:
         if not self.store.exists("run.json"):
             return None

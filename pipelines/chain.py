@@ -38,6 +38,9 @@ class TrainingRun:
     total_steps: int
     run_url: str
     device: str = "cpu"
+    tracking_uri: str = ""          # MLflow; empty = not tracked
+    mlflow_experiment: str = "mbpo"
+    registered_model: str = ""      # Model Registry name for the final policy; empty = none
     config: MBPOConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,7 +54,9 @@ class TrainingRun:
 
     def base_arguments(self) -> dict[str, Any]:
         return {"env": self.env, "seed": self.seed, "overrides": list(self.overrides),
-                "run_url": self.run_url, "total_steps": self.total_steps, "device": self.device}
+                "run_url": self.run_url, "total_steps": self.total_steps, "device": self.device,
+                "tracking_uri": self.tracking_uri, "mlflow_experiment": self.mlflow_experiment,
+                "registered_model": self.registered_model}
 
 
 def default_run_name(env: str, seed: int) -> str:

@@ -61,6 +61,52 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
 
 
+def _add_tracking_args(p: argparse.ArgumentParser, local: bool) -> None:
+    default = "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db" if local else \
+        "$MLFLOW_TRACKING_URI, else no tracking"
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"MLflow tracking URI (default {default}); credentials for it come from "
+                        "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN")
+    p.add_argument("--experiment", default="mbpo", help="MLflow experiment (default mbpo)")
+    p.add_argument("--registered-model", default=None, metavar="NAME",
+                   help="Model Registry name for the final policy (default mbpo-ENV; '' = none)")
+    p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+    if local:
+        p.add_argument("--stack", nargs="?", const=DEFAULT_STACK_DIR, default=None, metavar="DIR",
+                       help="use the local stack started by `mbpo stack up` (S3 store and MLflow "
+                            f"server; default dir {DEFAULT_STACK_DIR})")
+
+
+def _use_stack(args: argparse.Namespace) -> None:
+    """Point this process (and the steps it starts) at the local stack's S3 and MLflow."""
+    if not getattr(args, "stack", None):
+        return
+    from .stack import load, status
+
+    info = load(args.stack)
+    state = status(args.stack) if info else None
+    if info is None or not all(state.values()):
+        raise ConfigError(f"--stack {args.stack}: no running stack there; start it with "
+                          f"`mbpo stack up --dir {args.stack}`")
+    os.environ.update(info.env())
+    if hasattr(args, "store") and args.store in (None, "./mbpo-store"):
+        args.store = info.env()["MBPO_STORE"]
+
+
+def _tracking_uri(args: argparse.Namespace, local: bool) -> str:
+    from mbpo_core.tracking import check_tracking_uri, default_tracking_uri
+
+    if args.no_tracking:
+        return ""
+    uri = args.tracking_uri or (default_tracking_uri() if local
+                                else os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return check_tracking_uri(uri) if uri else ""
+
+
+def _registered_model(args: argparse.Namespace, env: str) -> str:
+    return f"mbpo-{env}" if args.registered_model is None else args.registered_model
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser, local: bool) -> None:
     default_store = "./mbpo-store" if local else None
     p.add_argument("--store", default=os.environ.get("MBPO_STORE", default_store),
@@ -77,6 +123,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser, local: bool) -> None:
     p.add_argument("--resume-from", default=None, metavar="RUN",
                    help="continue a stopped training run from its last complete round: its run "
                         "URL (STORE/runs/NAME) or a local --out folder; its stored config is used")
+
+
+DEFAULT_STACK_DIR = ".mbpo-stack"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume-from", type=Path, default=None,
                    help="state.pt of an earlier run to continue (its config is used)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_tracking_args(t, local=True)
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("run", help="run the pipeline on this machine (kfp.local)",
@@ -111,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_config(r)
     r.add_argument("--out", type=Path, required=True, help="output folder")
     _add_pipeline_args(r, local=True)
+    _add_tracking_args(r, local=True)
     r.add_argument("--threads", type=_positive, default=None,
                    help="torch intra-op threads in every step (default: torch's choice)")
     r.add_argument("--keep-artifacts", action="store_true",
@@ -141,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"run to the KFP API at --host (bearer token from ${TOKEN_ENV}).")
     _add_run_config(sb)
     _add_pipeline_args(sb, local=False)
+    _add_tracking_args(sb, local=False)
     sb.add_argument("--host", default=os.environ.get("KFP_HOST"),
                     help="KFP API URL (default $KFP_HOST; omit inside the cluster)")
     sb.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
-    sb.add_argument("--experiment", default="mbpo", help="KFP experiment name")
+    sb.add_argument("--kfp-experiment", default="mbpo", help="KFP experiment name")
     sb.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
     chain = sb.add_mutually_exclusive_group()
     chain.add_argument("--follow", action="store_true",
@@ -153,11 +205,98 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each pipeline run submits the next itself (no waiting here)")
     sb.set_defaults(func=cmd_submit)
 
+    st = sub.add_parser("stack", help="local S3 server + MLflow server (up, down, status, env)",
+                        description="Start, stop or inspect a SeaweedFS S3 server and an MLflow "
+                                    "tracking server (artifacts on that S3) on loopback.")
+    st.add_argument("action", choices=["up", "down", "status", "env"])
+    st.add_argument("--dir", default=DEFAULT_STACK_DIR, help="where the stack keeps its data")
+    st.set_defaults(func=cmd_stack)
+
+    ru = sub.add_parser("runs", help="list MLflow runs: task, seed, steps, returns, wall time")
+    ru.add_argument("--experiment", default="mbpo")
+    ru.add_argument("--tracking-uri", default=None,
+                    help="default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    ru.add_argument("--stack", nargs="?", const=DEFAULT_STACK_DIR, default=None, metavar="DIR")
+    ru.set_defaults(func=cmd_runs, no_tracking=False)
+
+    cp = sub.add_parser("compare", help="plot runs' learning curves side by side")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids or run names")
+    cp.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+    cp.add_argument("--reference", nargs="*", default=[], choices=["mbpo", "sac"],
+                    help="also plot published curves (mean +- std over seeds) for the runs' task")
+    cp.add_argument("--experiment", default="mbpo")
+    cp.add_argument("--tracking-uri", default=None)
+    cp.add_argument("--stack", nargs="?", const=DEFAULT_STACK_DIR, default=None, metavar="DIR")
+    cp.set_defaults(func=cmd_compare, no_tracking=False)
+
     pr = sub.add_parser("presets", help="print a task's resolved configuration")
     pr.add_argument("--env", required=True, choices=available_presets(), metavar="ENV")
     pr.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     pr.set_defaults(func=cmd_presets)
     return p
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from . import stack
+
+    if args.action == "up":
+        info = stack.up(args.dir)
+        print(f"MLflow UI:  {info.mlflow_uri}\nS3 (SeaweedFS): {info.s3_endpoint}  (store "
+              f"{info.env()['MBPO_STORE']})\n\nUse it with `mbpo run --stack` / `mbpo train "
+              f"--stack`, or export (also: eval \"$(mbpo stack env)\"):")
+        for k, v in info.env().items():
+            print(f"export {k}={v}")
+    elif args.action == "down":
+        print("stopped" if stack.down(args.dir) else f"no stack recorded in {args.dir}")
+    elif args.action == "status":
+        state = stack.status(args.dir)
+        if state is None:
+            print(f"no stack recorded in {args.dir}")
+            return 1
+        info = stack.load(args.dir)
+        print(f"s3 {info.s3_endpoint}: {'up' if state['s3'] else 'DOWN'}\n"
+              f"mlflow {info.mlflow_uri}: {'up' if state['mlflow'] else 'DOWN'}")
+        return 0 if all(state.values()) else 1
+    else:
+        info = stack.load(args.dir)
+        if info is None:
+            print(f"no stack recorded in {args.dir}", file=sys.stderr)
+            return 1
+        for k, v in info.env().items():
+            print(f"export {k}={v}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from mbpo_core.tracking import list_runs
+
+    from .compare import format_table
+
+    _use_stack(args)
+    uri = _tracking_uri(args, local=True)
+    rows = list_runs(uri, args.experiment)
+    if not rows:
+        print(f"no runs in experiment {args.experiment!r} at {uri}")
+        return 0
+    print(format_table(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mbpo_core.tracking import eval_curve
+
+    from .compare import plot_curves
+
+    _use_stack(args)
+    uri = _tracking_uri(args, local=True)
+    curves = [eval_curve(uri, ref, args.experiment) for ref in args.runs]
+    tasks = {label.split("(")[-1].split(",")[0] for label, _ in curves}
+    task = tasks.pop() if len(tasks) == 1 else None
+    if args.reference and task is None:
+        log.warning("runs of several tasks: no reference curves drawn")
+    path = plot_curves(curves, args.output, args.reference, task)
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -177,8 +316,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    _use_stack(args)
+    tracking_uri = _tracking_uri(args, local=True)
+    tracking_state: dict = {}
     if args.resume_from:
-        trainer = MBPOTrainer.from_state_dict(load_state(args.resume_from), args.device)
+        state = load_state(args.resume_from)
+        tracking_state = state.pop("tracking", None) or {}
+        trainer = MBPOTrainer.from_state_dict(state, args.device)
         if trainer.cfg.env != args.env:
             raise ConfigError(f"--env {args.env} differs from the resumed run's {trainer.cfg.env}")
     else:
@@ -187,12 +331,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = trainer.cfg
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(cfg.to_json())
+    tracker = _train_tracker(tracking_uri, tracking_state, cfg, args)
+    sink = None
+    if tracker is not None:
+        def sink(metrics: dict, step: int) -> None:
+            tracker.log_metrics(metrics, step)
+            tracker.log_curve(trainer.curve, f"{cfg.env}, seed {cfg.seed}")
     start = time.perf_counter()
-    trainer.train(args.total_steps, progress=not args.no_progress)
+    trainer.train(args.total_steps, sink=sink, progress=not args.no_progress)
     wall = time.perf_counter() - start
     torch.save(trainer.agent.actor.state_dict(), args.out / "policy.pt")
+    if tracker is not None:
+        from components.ops import log_final_policy
+
+        log_final_policy(tracker, cfg, trainer.agent.actor, _registered_model(args, cfg.env))
+        tracker.finish()
     if args.save_state:
-        save_state(trainer.state_dict(), args.out / "state.pt")
+        state = trainer.state_dict()
+        if tracker is not None:
+            state["tracking"] = {"uri": tracker.tracking_uri, "run_id": tracker.run_id}
+        save_state(state, args.out / "state.pt")
     summary = {
         "env": cfg.env,
         "seed": cfg.seed,
@@ -207,7 +365,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_run(args: argparse.Namespace) -> TrainingRun:
+def _train_tracker(uri: str, resumed: dict, cfg, args: argparse.Namespace):  # noqa: ANN001,ANN202
+    """The MLflow run of `mbpo train`: KFP's or the caller's MLFLOW_RUN_ID, the resumed run's,
+    or a new one."""
+    if not uri:
+        return None
+    from mbpo_core.tracking import Tracker
+
+    run_id = os.environ.get("MLFLOW_RUN_ID") or (resumed.get("run_id")
+                                                  if resumed.get("uri") == uri else None)
+    if run_id:
+        tracker = Tracker(uri, run_id)
+        tracker.reopen()
+        if not resumed:
+            tracker.log_config(cfg)
+        return tracker
+    return Tracker.create(uri, cfg, experiment=args.experiment, run_name=args.out.name,
+                          tags={"mbpo.entry": "train"})
+
+
+def _training_run(args: argparse.Namespace, local: bool) -> TrainingRun:
+    run = _new_or_existing_run(args)
+    run.tracking_uri = _tracking_uri(args, local)
+    run.mlflow_experiment = args.experiment
+    run.registered_model = _registered_model(args, run.env)
+    return run
+
+
+def _new_or_existing_run(args: argparse.Namespace) -> TrainingRun:
     if args.resume_from:
         run = existing_run(args.resume_from, args.total_steps, args.device)
         if args.env and args.env != run.env:
@@ -226,7 +411,8 @@ def _training_run(args: argparse.Namespace) -> TrainingRun:
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import run_local
 
-    run = _training_run(args)
+    _use_stack(args)
+    run = _training_run(args, local=True)
     if args.threads:
         os.environ["MBPO_THREADS"] = str(args.threads)
     log.info("training run %s", run.run_url)
@@ -250,8 +436,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import ClusterTarget, submit_chain
 
-    run = _training_run(args)
-    target = ClusterTarget(args.host, args.namespace, args.experiment, args.image,
+    run = _training_run(args, local=False)
+    target = ClusterTarget(args.host, args.namespace, args.kfp_experiment, args.image,
                            args.rounds_per_run, args.chain_in_cluster)
     name = run.run_url.rstrip("/").rsplit("/", 1)[-1]
     ids = submit_chain(run, target, name, follow=args.follow)

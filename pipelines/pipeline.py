@@ -27,7 +27,7 @@ PIPELINE_NAME = "mbpo"
 
 
 def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, env_steps,
-            prev_round):
+            prev_round, registered_model):
     """Wire ``rounds`` rounds onto ``states`` and end with finalize."""
     last = None
     for i in range(rounds):
@@ -64,7 +64,8 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
         }
         prev_round = rnd
     fin = c.finalize(config=config, policy=states["policy"], run_url=run_url,
-                     round_index=prev_round, env_steps=env_steps)
+                     round_index=prev_round, env_steps=env_steps, total_steps=total_steps,
+                     registered_model=registered_model)
     fin.after(last)
     fin.set_caching_options(False)
     fin.set_display_name("finalize")
@@ -72,7 +73,8 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
 
 
 def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, namespace: str,
-                   experiment: str, rounds_per_run: int, image: str) -> str:
+                   kfp_experiment: str, rounds_per_run: int, image: str, tracking_uri: str,
+                   mlflow_experiment: str, registered_model: str) -> str:
     """Submit the next pipeline run of this training run (chaining from inside the cluster)."""
     from pipelines.chain import existing_run
     from pipelines.submit import ClusterTarget, submit_next
@@ -80,8 +82,10 @@ def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, n
     run = existing_run(run_url, total_steps, device)
     ckpt = run.store.checkpoint()
     name = run_url.rstrip("/").rsplit("/", 1)[-1] + f"-from-r{ckpt.round + 1 if ckpt else 0}"
-    target = ClusterTarget(kfp_host or None, namespace or None, experiment, image, rounds_per_run,
-                           chain_in_cluster=True)
+    target = ClusterTarget(kfp_host or None, namespace or None, kfp_experiment, image,
+                           rounds_per_run, chain_in_cluster=True)
+    run.tracking_uri, run.mlflow_experiment = tracking_uri, mlflow_experiment
+    run.registered_model = registered_model
     return submit_next(run, target, name) or ""
 
 
@@ -95,34 +99,43 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
     c = make_components(image)
     chain_op = dsl.component(continue_chain, base_image=image, install_kfp_package=False)
 
-    def start(env, seed, overrides, run_url, total_steps):
+    def start(env, seed, overrides, run_url, total_steps, tracking_uri, mlflow_experiment):
         init = c.init_run(env=env, seed=seed, overrides=overrides, run_url=run_url,
-                          total_steps=total_steps)
+                          total_steps=total_steps, tracking_uri=tracking_uri,
+                          mlflow_experiment=mlflow_experiment,
+                          kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=image)
         init.set_caching_options(False)
         return init.outputs["config"]
 
-    def finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace, experiment,
-               rounds_per_run, next_image):
+    def finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
+               kfp_experiment, rounds_per_run, next_image, tracking_uri, mlflow_experiment,
+               registered_model):
         with dsl.If(chain_in_cluster == True, name="chain-in-cluster"):  # noqa: E712 (KFP condition)
             nxt = chain_op(run_url=run_url, total_steps=total_steps, device=device,
-                           kfp_host=kfp_host, namespace=namespace, experiment=experiment,
-                           rounds_per_run=rounds_per_run, image=next_image).after(fin)
+                           kfp_host=kfp_host, namespace=namespace, kfp_experiment=kfp_experiment,
+                           rounds_per_run=rounds_per_run, image=next_image,
+                           tracking_uri=tracking_uri, mlflow_experiment=mlflow_experiment,
+                           registered_model=registered_model).after(fin)
             nxt.set_caching_options(False)
             nxt.set_display_name("submit next run")
 
     if not resume:
         @dsl.pipeline(name=PIPELINE_NAME, description=f"MBPO, {rounds} rounds from scratch")
         def mbpo(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
-                 device: str = "cpu", chain_in_cluster: bool = False, kfp_host: str = "",
-                 namespace: str = "", experiment: str = "mbpo",
+                 device: str = "cpu", tracking_uri: str = "", mlflow_experiment: str = "mbpo",
+                 registered_model: str = "", chain_in_cluster: bool = False, kfp_host: str = "",
+                 namespace: str = "", kfp_experiment: str = "mbpo",
                  rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
-            config = start(env, seed, overrides, run_url, total_steps)
+            config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
+                           mlflow_experiment)
             init = c.init_states(config=config)
             init.set_caching_options(False)
             states = {name: init.outputs[name] for name in STATE_TYPES}
-            fin = _rounds(c, rounds, config, states, run_url, total_steps, device, 0, -1)
+            fin = _rounds(c, rounds, config, states, run_url, total_steps, device, 0, -1,
+                          registered_model)
             finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
-                   experiment, rounds_per_run, next_image)
+                   kfp_experiment, rounds_per_run, next_image, tracking_uri, mlflow_experiment,
+                   registered_model)
         return mbpo
 
     @dsl.pipeline(name=f"{PIPELINE_NAME}-continue",
@@ -131,10 +144,12 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                       start_env_steps: int, last_round: int, collector_uri: str,
                       real_manifest_uri: str, dynamics_uri: str, model_manifest_uri: str,
                       rollout_uri: str, agent_uri: str, policy_uri: str, device: str = "cpu",
-                      chain_in_cluster: bool = False, kfp_host: str = "", namespace: str = "",
-                      experiment: str = "mbpo", rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN,
-                      next_image: str = image):
-        config = start(env, seed, overrides, run_url, total_steps)
+                      tracking_uri: str = "", mlflow_experiment: str = "mbpo",
+                      registered_model: str = "", chain_in_cluster: bool = False,
+                      kfp_host: str = "", namespace: str = "", kfp_experiment: str = "mbpo",
+                      rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
+        config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
+                       mlflow_experiment)
         uris = {"collector": collector_uri, "real_manifest": real_manifest_uri,
                 "dynamics": dynamics_uri, "model_manifest": model_manifest_uri,
                 "rollout": rollout_uri, "agent": agent_uri, "policy": policy_uri}
@@ -144,9 +159,10 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
             imp.set_display_name(f"import {name}")
             states[name] = imp.output
         fin = _rounds(c, rounds, config, states, run_url, total_steps, device, start_env_steps,
-                      last_round)
+                      last_round, registered_model)
         finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
-               experiment, rounds_per_run, next_image)
+               kfp_experiment, rounds_per_run, next_image, tracking_uri, mlflow_experiment,
+               registered_model)
     return mbpo_continue
 
 

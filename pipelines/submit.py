@@ -57,7 +57,7 @@ def submit_next(run: TrainingRun, target: ClusterTarget, part_name: str) -> str 
     arguments = dict(step.arguments)
     if target.chain_in_cluster:
         arguments |= {"chain_in_cluster": True, "kfp_host": target.host or "",
-                      "namespace": target.namespace or "", "experiment": target.experiment,
+                      "namespace": target.namespace or "", "kfp_experiment": target.experiment,
                       "rounds_per_run": target.rounds_per_run, "next_image": target.image}
     from .pipeline import compile_pipeline
 

@@ -133,7 +133,7 @@ def test_chain_arguments_match_the_pipeline_parameters(tmp_path):
         assert set(args) <= set(params)
         required = {k for k, v in params.items() if not v.get("isOptional")}
         assert required <= set(args)
-    chained = set(cont.arguments) | {"chain_in_cluster", "kfp_host", "namespace", "experiment",
+    chained = set(cont.arguments) | {"chain_in_cluster", "kfp_host", "namespace", "kfp_experiment",
                                      "rounds_per_run", "next_image"}
     assert chained <= set(params)
 
