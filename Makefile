@@ -31,6 +31,7 @@ train: setup
 	OMP_NUM_THREADS=2 $(VENV)/bin/mbpo train --env $(ENV) --total-steps $(STEPS) --seed $(SEED) --out $(OUT)-train
 
 test: setup
+	./scripts/test-deps.sh
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 bench: setup

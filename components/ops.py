@@ -298,3 +298,12 @@ def log_final_policy(tracker: Any, cfg: MBPOConfig, actor: Actor, registered_mod
                              registered_model or None)
     log.info("logged the policy to MLflow as %s%s", uri,
              f", registered as {registered_model!r}" if registered_model else "")
+    import tempfile
+
+    from mbpo_core.video import record_episode
+
+    with tempfile.TemporaryDirectory() as tmp:
+        video = record_episode(cfg, actor, Path(tmp) / "evaluation.gif")
+        if video is not None:
+            tracker.log_file(video)
+            log.info("logged an evaluation video (evaluation.gif)")

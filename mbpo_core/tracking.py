@@ -189,6 +189,10 @@ class Tracker:
             return info.model_uri
         return self._guard("log the policy model", log)
 
+    def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self._guard(f"log {Path(path).name}",
+                    lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
     def finish(self, status: str = "FINISHED") -> None:
         self._guard("end the run", lambda: self.client.set_terminated(self.run_id, status))
 

@@ -61,10 +61,14 @@ class S3Server:
         config.write_text(json.dumps(identities))
         config.chmod(0o600)
         port = port or free_port()
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        # every listener on its own free port, so several servers (tests, a stack) can coexist
+        names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
+                 "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
+        ports = {name: free_port() for name in names}
         cmd = [weed_binary(), "server", f"-dir={data / 'volumes'}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", f"-master.port={ports['master']}",
                f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+               *(f"-{name}={ports[name]}" for name in names if "." in name),
                "-s3", f"-s3.port={port}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
                "-volume.max=32", f"-filer.localSocket={data / 'filer.sock'}"]
         logfile = open(data / "weed.log", "ab")  # noqa: SIM115 (owned by the process)

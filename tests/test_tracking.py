@@ -1,6 +1,7 @@
 """MLflow tracking against real servers: `mbpo stack` (SeaweedFS + mlflow server) started here."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,7 +37,13 @@ def stack_env(local_stack, monkeypatch):
     return directory, info
 
 
-def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_env):
+@pytest.fixture(scope="module")
+def tracked(local_stack):
+    """Filled by the pipeline test: the MLflow run it produced, for the UI test."""
+    return {}
+
+
+def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_env, tracked):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -52,6 +59,7 @@ def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1, "two chained pipeline runs must share one MLflow run"
     run = runs[0]
+    tracked.update(run_id=run.info.run_id, experiment_id=exp.experiment_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     # every metric name, with step = env steps
     names = set(run.data.metrics)
@@ -121,3 +129,30 @@ def test_stack_status_and_env(stack_env, capsys):
     out = capsys.readouterr().out
     assert f"export MLFLOW_TRACKING_URI={info.mlflow_uri}" in out
     assert (directory / "stack.json").stat().st_mode & 0o077 == 0, "the stack file holds a secret"
+
+
+def test_mlflow_ui_shows_the_run_and_its_metric_chart(stack_env, tracked):
+    """Headless Chromium renders the run's metrics page; the screenshot is kept as an artifact."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed: `make test` installs it (scripts/test-deps.sh)"
+    assert tracked, "needs the MLflow run of the pipeline test in this module"
+    _, info = stack_env
+    url = (f"{info.mlflow_uri}/#/experiments/{tracked['experiment_id']}/runs/"
+           f"{tracked['run_id']}/model-metrics")
+    flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+             "--disable-dev-shm-usage", "--window-size=1400,1000",
+             "--run-all-compositor-stages-before-draw", "--virtual-time-budget=60000"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180).stdout
+    assert "tracked" in dom, "the run's name is not on its page"
+    assert "return_mean" in dom, "the eval/return_mean chart is not on the metrics page"
+    assert "js-plotly-plot" in dom, "no rendered chart on the metrics page"
+    out = Path(os.environ.get("MBPO_TEST_ARTIFACTS", "test-artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    shot = out / "mlflow-ui-run-metrics.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    assert shot.is_file() and shot.stat().st_size > 20_000
