@@ -119,7 +119,7 @@ def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics:
 # --------------------------------------------------------------------------------------------
 def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_steps: int,
              config: ArtifactLike, tracking_uri: str = "", experiment: str = "mbpo",
-             tags: dict[str, str] | None = None) -> None:
+             tags: dict[str, str] | None = None, parent_run_id: str = "") -> None:
     """Validate everything before any step runs; create (or check) the run's storage prefix;
     create the training run's MLflow run, or reopen it when continuing."""
     _setup()
@@ -153,7 +153,8 @@ def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_step
 
         name = run_url.rstrip("/").rsplit("/", 1)[-1]
         tracker = Tracker.create(tracking_uri, cfg, experiment=experiment, run_name=name,
-                                 tags=tags | {"mbpo.run_url": run_url})
+                                 tags=tags | {"mbpo.run_url": run_url},
+                                 parent_run_id=parent_run_id or None)
         run.update_info(tracking={"uri": tracking_uri, "run_id": tracker.run_id,
                                   "experiment": experiment})
     log.info("run %s: %s seed %d, %d env steps", run_url, cfg.env, cfg.seed, total_steps)

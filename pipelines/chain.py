@@ -41,6 +41,7 @@ class TrainingRun:
     tracking_uri: str = ""          # MLflow; empty = not tracked
     mlflow_experiment: str = "mbpo"
     registered_model: str = ""      # Model Registry name for the final policy; empty = none
+    parent_run_id: str = ""         # MLflow parent run (a multi-seed group); empty = none
     config: MBPOConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +57,7 @@ class TrainingRun:
         return {"env": self.env, "seed": self.seed, "overrides": list(self.overrides),
                 "run_url": self.run_url, "total_steps": self.total_steps, "device": self.device,
                 "tracking_uri": self.tracking_uri, "mlflow_experiment": self.mlflow_experiment,
-                "registered_model": self.registered_model}
+                "registered_model": self.registered_model, "parent_run_id": self.parent_run_id}
 
 
 def default_run_name(env: str, seed: int) -> str:

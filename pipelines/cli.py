@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(r, local=True)
     r.add_argument("--threads", type=_positive, default=None,
                    help="torch intra-op threads in every step (default: torch's choice)")
+    r.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run these seeds (each its own training run and MLflow run, under one "
+                        "parent run); OUT/seed-N/ per seed, OUT/summary.json with the mean curve")
+    r.add_argument("--parallel", type=_positive, default=1,
+                   help="with --seeds: how many seeds run at once (default 1)")
+    r.add_argument("--parent-run-id", default="", help=argparse.SUPPRESS)
     r.add_argument("--keep-artifacts", action="store_true",
                    help="keep every pipeline run's KFP artifacts under OUT/kfp-root (default: only "
                         "those the chain still needs)")
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
     sb.add_argument("--kfp-experiment", default="mbpo", help="KFP experiment name")
     sb.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
+    sb.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                    help="submit one training run per seed, under one MLflow parent run")
     chain = sb.add_mutually_exclusive_group()
     chain.add_argument("--follow", action="store_true",
                        help="wait for each pipeline run and submit the next from here")
@@ -412,7 +420,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .local import run_local
 
     _use_stack(args)
+    if args.seeds:
+        return _run_seeds(args)
     run = _training_run(args, local=True)
+    run.parent_run_id = args.parent_run_id
     if args.threads:
         os.environ["MBPO_THREADS"] = str(args.threads)
     log.info("training run %s", run.run_url)
@@ -422,6 +433,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("done: %d env steps, eval return %s, %.0f s; wrote %s", result["env_steps"],
              result["eval_return"], result["wall_s"], args.out)
     return 0
+
+
+def _run_seeds(args: argparse.Namespace) -> int:
+    from .chain import default_run_name
+    from .seeds import parent_run, run_seeds
+
+    if args.resume_from or args.env is None or args.total_steps is None:
+        raise ConfigError("--seeds needs --env and --total-steps, and no --resume-from "
+                          "(resume each seed's run on its own)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds {args.seeds}: each seed once")
+    for seed in args.seeds:  # every seed's configuration is valid before anything starts
+        make_config(args.env, args.overrides, seed=seed)
+    uri = _tracking_uri(args, local=True)
+    name = args.run_name or default_run_name(args.env, args.seeds[0]).replace(
+        f"-s{args.seeds[0]}-", "-seeds-")
+    parent = parent_run(uri, args.experiment, args.env, args.overrides, args.seeds, name)
+    base = ["--log-level", args.log_level, "run", "--env", args.env, "--total-steps",
+            str(args.total_steps), "--store", args.store, "--rounds-per-run",
+            str(args.rounds_per_run), "--experiment", args.experiment, "--device", args.device]
+    base += ["--tracking-uri", uri] if uri else ["--no-tracking"]
+    if args.registered_model is not None:
+        base += ["--registered-model", args.registered_model]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    if args.overrides:
+        base += ["--set", *args.overrides]
+    result = run_seeds(base, args.seeds, args.out, name, args.parallel, parent, uri)
+    last = result["curve"][-1] if result["curve"] else None
+    log.info("seeds %s done%s; wrote %s", args.seeds,
+             f": eval return {last[1]:.1f} +- {last[2]:.1f} at {last[0]} steps" if last else "",
+             args.out)
+    return 1 if result["failed"] else 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -434,18 +478,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from .chain import default_run_name
+    from .seeds import parent_run
     from .submit import ClusterTarget, submit_chain
 
-    run = _training_run(args, local=False)
     target = ClusterTarget(args.host, args.namespace, args.kfp_experiment, args.image,
                            args.rounds_per_run, args.chain_in_cluster)
-    name = run.run_url.rstrip("/").rsplit("/", 1)[-1]
-    ids = submit_chain(run, target, name, follow=args.follow)
-    for run_id in ids:
-        print(run_id)
-    if not args.follow and not args.chain_in_cluster and ids:
-        print(f"submitted the first pipeline run; continue the chain with: mbpo submit "
-              f"--resume-from {run.run_url} --host ... (or use --follow / --chain-in-cluster)")
+    runs = []
+    if args.seeds:  # one chain per seed: the cluster runs them side by side
+        if args.resume_from or args.follow:
+            raise ConfigError("--seeds takes neither --resume-from nor --follow")
+        base = args.run_name or default_run_name(args.env, args.seeds[0]).replace(
+            f"-s{args.seeds[0]}-", "-seeds-")
+        for seed in args.seeds:
+            args.seed, args.run_name = seed, f"{base}-s{seed}"
+            runs.append(_training_run(args, local=False))
+        parent = parent_run(runs[0].tracking_uri, args.experiment, args.env, args.overrides,
+                            args.seeds, base)
+        for run in runs:
+            run.parent_run_id = parent or ""
+    else:
+        runs.append(_training_run(args, local=False))
+    for run in runs:
+        name = run.run_url.rstrip("/").rsplit("/", 1)[-1]
+        for run_id in submit_chain(run, target, name, follow=args.follow):
+            print(run_id)
+        if not args.follow and not args.chain_in_cluster:
+            print(f"submitted the first pipeline run of {name}; continue its chain with: mbpo "
+                  f"submit --resume-from {run.run_url} --host ... (or --follow / "
+                  "--chain-in-cluster)")
     return 0
 
 

@@ -99,10 +99,11 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
     c = make_components(image)
     chain_op = dsl.component(continue_chain, base_image=image, install_kfp_package=False)
 
-    def start(env, seed, overrides, run_url, total_steps, tracking_uri, mlflow_experiment):
+    def start(env, seed, overrides, run_url, total_steps, tracking_uri, mlflow_experiment,
+              parent_run_id):
         init = c.init_run(env=env, seed=seed, overrides=overrides, run_url=run_url,
                           total_steps=total_steps, tracking_uri=tracking_uri,
-                          mlflow_experiment=mlflow_experiment,
+                          mlflow_experiment=mlflow_experiment, parent_run_id=parent_run_id,
                           kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=image)
         init.set_caching_options(False)
         return init.outputs["config"]
@@ -123,11 +124,12 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
         @dsl.pipeline(name=PIPELINE_NAME, description=f"MBPO, {rounds} rounds from scratch")
         def mbpo(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
                  device: str = "cpu", tracking_uri: str = "", mlflow_experiment: str = "mbpo",
-                 registered_model: str = "", chain_in_cluster: bool = False, kfp_host: str = "",
+                 registered_model: str = "", parent_run_id: str = "",
+                 chain_in_cluster: bool = False, kfp_host: str = "",
                  namespace: str = "", kfp_experiment: str = "mbpo",
                  rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
             config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
-                           mlflow_experiment)
+                           mlflow_experiment, parent_run_id)
             init = c.init_states(config=config)
             init.set_caching_options(False)
             states = {name: init.outputs[name] for name in STATE_TYPES}
@@ -145,11 +147,12 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                       real_manifest_uri: str, dynamics_uri: str, model_manifest_uri: str,
                       rollout_uri: str, agent_uri: str, policy_uri: str, device: str = "cpu",
                       tracking_uri: str = "", mlflow_experiment: str = "mbpo",
-                      registered_model: str = "", chain_in_cluster: bool = False,
+                      registered_model: str = "", parent_run_id: str = "",
+                      chain_in_cluster: bool = False,
                       kfp_host: str = "", namespace: str = "", kfp_experiment: str = "mbpo",
                       rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
         config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
-                       mlflow_experiment)
+                       mlflow_experiment, parent_run_id)
         uris = {"collector": collector_uri, "real_manifest": real_manifest_uri,
                 "dynamics": dynamics_uri, "model_manifest": model_manifest_uri,
                 "rollout": rollout_uri, "agent": agent_uri, "policy": policy_uri}

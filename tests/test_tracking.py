@@ -90,7 +90,7 @@ def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_
     assert any(k.endswith("data/model.pt2") for k in keys)
 
     # the registered model loads back (no pickle: torch.export format) and acts like policy.pt
-    version = client.get_latest_versions(f"mbpo-{ENV}")[0]
+    version = client.search_model_versions(f"name = 'mbpo-{ENV}'")[0]
     mlflow.set_tracking_uri(info.mlflow_uri)
     model = mlflow.pyfunc.load_model(f"models:/mbpo-{ENV}/{version.version}")
     obs = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
@@ -156,3 +156,26 @@ def test_mlflow_ui_shows_the_run_and_its_metric_chart(stack_env, tracked):
     shot = out / "mlflow-ui-run-metrics.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_seeds_run_as_children_of_one_parent_run(tmp_path, stack_env):
+    from mlflow.tracking import MlflowClient
+
+    directory, info = stack_env
+    out = tmp_path / "seeds"
+    rc = main(["run", "--env", ENV, "--total-steps", "150", "--seeds", "4", "5", "--parallel", "2",
+               "--out", str(out), "--stack", str(directory), "--run-name", "group",
+               "--experiment", "mbpo-seeds", "--registered-model", "", "--set", *TINY])
+    assert rc == 0
+    client = MlflowClient(info.mlflow_uri)
+    exp = client.get_experiment_by_name("mbpo-seeds")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"group", "group-s4", "group-s5"}
+    parent = runs["group"]
+    for name in ("group-s4", "group-s5"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    summary = json.loads((out / "summary.json").read_text())
+    finals = [s["curve"][-1][1] for s in summary["runs"]]
+    assert summary["curve"][-1][1] == pytest.approx(sum(finals) / 2)
+    assert parent.data.metrics["eval/return_mean"] == pytest.approx(sum(finals) / 2)
+    assert {runs["group-s4"].data.tags["seed"], runs["group-s5"].data.tags["seed"]} == {"4", "5"}
