@@ -127,9 +127,10 @@ def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_step
     if total_steps < 1:
         raise ConfigError(f"total_steps = {total_steps} must be >= 1")
     if tracking_uri:
-        from mbpo_core.tracking import check_tracking_uri
+        from mbpo_core.tracking import check_reachable, check_tracking_uri
 
         check_tracking_uri(tracking_uri)
+        check_reachable(tracking_uri)
     run = RunStore(run_url)
     run.store.check()
     info = run.read_info()

@@ -43,6 +43,27 @@ def default_tracking_uri(workdir: str | os.PathLike[str] = ".") -> str:
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be reached (found before any training starts)."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An HTTP tracking server must answer /health now, not after minutes of client retries."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return
+            raise OSError(f"HTTP {r.status}")
+    except OSError as e:
+        raise TrackingError(f"the MLflow tracking server at {_redact(uri)} does not answer "
+                            f"({e}); start it (e.g. `mbpo stack up`), fix --tracking-uri / "
+                            "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
+
+
 def check_tracking_uri(uri: str) -> str:
     """Refuse URIs with embedded credentials: they would land in parameters, logs and run
     records. Servers that need auth get MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN from the

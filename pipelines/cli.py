@@ -94,13 +94,17 @@ def _use_stack(args: argparse.Namespace) -> None:
 
 
 def _tracking_uri(args: argparse.Namespace, local: bool) -> str:
-    from mbpo_core.tracking import check_tracking_uri, default_tracking_uri
+    from mbpo_core.tracking import check_reachable, check_tracking_uri, default_tracking_uri
 
     if args.no_tracking:
         return ""
     uri = args.tracking_uri or (default_tracking_uri() if local
                                 else os.environ.get("MLFLOW_TRACKING_URI", ""))
-    return check_tracking_uri(uri) if uri else ""
+    if uri:
+        check_tracking_uri(uri)
+        if local:  # a cluster's tracking server need not be reachable from here
+            check_reachable(uri)
+    return uri
 
 
 def _registered_model(args: argparse.Namespace, env: str) -> str:
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mbpo: storage error: {e}", file=sys.stderr)
         return 3
     except RuntimeError as e:
-        if type(e).__name__ not in ("PipelineRunError", "SubmitError"):
+        if type(e).__name__ not in ("PipelineRunError", "SubmitError", "TrackingError"):
             raise
         print(f"mbpo: {e}", file=sys.stderr)
         return 1

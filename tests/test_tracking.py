@@ -179,3 +179,14 @@ def test_seeds_run_as_children_of_one_parent_run(tmp_path, stack_env):
     assert summary["curve"][-1][1] == pytest.approx(sum(finals) / 2)
     assert parent.data.metrics["eval/return_mean"] == pytest.approx(sum(finals) / 2)
     assert {runs["group-s4"].data.tags["seed"], runs["group-s5"].data.tags["seed"]} == {"4", "5"}
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, capsys):
+    from pipelines.s3server import free_port
+
+    out = tmp_path / "o"
+    rc = main(["train", "--env", ENV, "--total-steps", "150", "--out", str(out), "--no-progress",
+               "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--set", *TINY])
+    assert rc == 1
+    assert "does not answer" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
