@@ -8,7 +8,10 @@ STEPS  ?= 5000
 SEED   ?= 0
 OUT    ?= runs/$(ENV)-seed$(SEED)
 
-.PHONY: setup run train test bench lint clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE   ?= ghcr.io/mbpo-project/mbpo
+
+.PHONY: setup run train test bench lint clean image image-cuda lock
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -41,7 +44,19 @@ bench: setup
 	OMP_NUM_THREADS=2 $(PY) benchmarks/pipeline.py bytes --env Hopper-v5
 
 lint: setup
-	$(VENV)/bin/ruff check mbpo_core components pipelines tests benchmarks
+	$(VENV)/bin/ruff check mbpo_core components pipelines tests benchmarks scripts
+
+# The component image (docker/Dockerfile): CPU build, and the CUDA build of torch.
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
+
+image-cuda:
+	docker build -f docker/Dockerfile --build-arg TORCH_SPEC=torch==2.13.0 \
+		--build-arg TORCH_INDEX=https://pypi.org/simple -t $(IMAGE):$(VERSION)-cuda .
+
+# Re-pin docker/requirements.txt to this environment's runtime dependencies.
+lock: setup
+	$(PY) scripts/lock-requirements.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

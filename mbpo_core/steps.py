@@ -39,8 +39,16 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
 
 
 def generator_from_state(state: torch.Tensor, device: str | torch.device) -> torch.Generator:
+    """Restore a generator; a state saved on another device type (a CPU step handing over to a
+    GPU step) cannot be restored, so it seeds a new stream derived from that state instead."""
     g = torch.Generator(device=device)
-    g.set_state(state)
+    if state.numel() == g.get_state().numel():
+        g.set_state(state)
+    else:
+        import hashlib
+
+        digest = hashlib.sha256(state.cpu().numpy().tobytes()).digest()
+        g.manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
     return g
 
 

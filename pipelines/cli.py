@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_args(r, local=True)
     r.add_argument("--threads", type=_positive, default=None,
                    help="torch intra-op threads in every step (default: torch's choice)")
+    r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="kfp.local runner: subprocess (this Python; default) or docker (each "
+                        "step in a container of --image; needs a Docker engine and an s3:// store)")
+    r.add_argument("--image", default=DEFAULT_IMAGE,
+                   help=f"component image for --runner docker (default {DEFAULT_IMAGE})")
     r.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="run these seeds (each its own training run and MLflow run, under one "
                         "parent run); OUT/seed-N/ per seed, OUT/summary.json with the mean curve")
@@ -194,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--continuation", action="store_true",
                    help="the pipeline that continues from a stored round (importer inputs)")
     c.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
+    c.add_argument("--gpu", action="store_true",
+                   help="an accelerator (nvidia.com/gpu) and device=cuda for fit_ensemble and "
+                        "update_sac")
     c.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
     c.set_defaults(func=cmd_compile)
 
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
     sb.add_argument("--kfp-experiment", default="mbpo", help="KFP experiment name")
     sb.add_argument("--image", default=DEFAULT_IMAGE, help=f"component image (default {DEFAULT_IMAGE})")
+    sb.add_argument("--gpu", action="store_true",
+                    help="an accelerator for fit_ensemble and update_sac (device=cuda there)")
     sb.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                     help="submit one training run per seed, under one MLflow parent run")
     chain = sb.add_mutually_exclusive_group()
@@ -433,7 +443,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("training run %s", run.run_url)
     result = run_local(run, args.out, args.rounds_per_run, warm_workers=not args.no_warm_workers,
                        keep_artifacts=args.keep_artifacts, verbose=args.verbose,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, runner=args.runner,
+                       image=args.image if args.runner == "docker" else None)
     log.info("done: %d env steps, eval return %s, %.0f s; wrote %s", result["env_steps"],
              result["eval_return"], result["wall_s"], args.out)
     return 0
@@ -476,7 +487,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_pipeline
 
     make_config(args.env, args.overrides)  # fail now, not on the cluster
-    path = compile_pipeline(args.rounds, args.output, resume=args.continuation, image=args.image)
+    from .cluster import ClusterSettings
+
+    path = compile_pipeline(args.rounds, args.output, resume=args.continuation, image=args.image,
+                            cluster=ClusterSettings(gpu=args.gpu))
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.rounds} rounds)")
     return 0
 
@@ -487,7 +501,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import ClusterTarget, submit_chain
 
     target = ClusterTarget(args.host, args.namespace, args.kfp_experiment, args.image,
-                           args.rounds_per_run, args.chain_in_cluster)
+                           args.rounds_per_run, args.chain_in_cluster, args.gpu)
     runs = []
     if args.seeds:  # one chain per seed: the cluster runs them side by side
         if args.resume_from or args.follow:

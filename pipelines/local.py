@@ -31,8 +31,8 @@ class PipelineRunError(RuntimeError):
 
 def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN,
               pipeline_root: Path | None = None, warm_workers: bool = True,
-              keep_artifacts: bool = False, verbose: bool = False, progress: bool = True
-              ) -> dict[str, Any]:
+              keep_artifacts: bool = False, verbose: bool = False, progress: bool = True,
+              runner: str = "subprocess", image: str | None = None) -> dict[str, Any]:
     """Chain local pipeline runs until ``run.total_steps``; write OUT/summary.json and policy.pt.
 
     With ``warm_workers`` each task hands its step to a server that has torch imported already
@@ -43,12 +43,19 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
 
     from components.worker import StepServer
 
+    if runner == "docker":
+        check_docker(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_url": run.run_url}, indent=1))
     (out / "config.json").write_text(run.config.to_json())
     root = pipeline_root or out / "kfp-root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               raise_on_error=True)
+    if runner == "docker":
+        warm_workers = False  # steps run in containers of the image, not in forks of this Python
+        local.init(runner=local.DockerRunner(), pipeline_root=str(root.resolve()),
+                   raise_on_error=True)
+    else:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   raise_on_error=True)
     start = time.perf_counter()
     log_path = out / "pipeline.log"
     with contextlib.ExitStack() as stack:
@@ -59,7 +66,7 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
                 open(log_path, "a", buffering=1))))
         stack.enter_context(_Progress(run, enabled=progress))
-        _chain(run, rounds_per_run, root, keep_artifacts)
+        _chain(run, rounds_per_run, root, keep_artifacts, {"image": image} if image else {})
     result = summary(run, time.perf_counter() - start)
     (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -121,10 +128,29 @@ def _prune(root: Path, run: TrainingRun) -> None:
             shutil.rmtree(pipeline_run, ignore_errors=True)
 
 
-def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bool) -> None:
+def check_docker(run: TrainingRun) -> None:
+    """DockerRunner needs a reachable engine, and steps in containers cannot see this machine's
+    folders or loopback: fail now, clearly, rather than at the first task."""
+    try:
+        import docker
+    except ImportError:
+        raise PipelineRunError("--runner docker needs the Docker SDK for Python "
+                               "(pip install docker)") from None
+    try:
+        docker.from_env().ping()
+    except Exception as e:
+        raise PipelineRunError(f"--runner docker: no Docker engine is reachable ({e}); start "
+                               "the Docker daemon or use the default subprocess runner") from None
+    if not run.run_url.startswith("s3://"):
+        raise PipelineRunError("--runner docker needs an s3:// --store reachable from the "
+                               "containers (they cannot see this machine's folders)")
+
+
+def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bool,
+           image_kw: dict[str, str]) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
-        pipeline = build_pipeline(step.rounds, resume=step.resume)
+        pipeline = build_pipeline(step.rounds, resume=step.resume, **image_kw)
         try:
             with warnings.catch_warnings():
                 # the project image's name does not contain "python"; it does hold this package

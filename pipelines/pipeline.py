@@ -17,6 +17,7 @@ from components import DEFAULT_IMAGE
 from components.definitions import make_components
 
 from .chain import DEFAULT_ROUNDS_PER_RUN
+from .cluster import ClusterSettings, configure
 
 # Every state a round hands to the next, with its artifact type.
 STATE_TYPES: dict[str, type] = {
@@ -27,7 +28,7 @@ PIPELINE_NAME = "mbpo"
 
 
 def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, env_steps,
-            prev_round, registered_model):
+            prev_round, registered_model, setup, gpu_device):
     """Wire ``rounds`` rounds onto ``states`` and end with finalize."""
     last = None
     for i in range(rounds):
@@ -41,19 +42,21 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
         env_steps, rnd = col.outputs["env_steps"], col.outputs["round_index"]
         real = col.outputs["real_manifest_out"]
         fit = c.fit_ensemble(config=config, dynamics_in=states["dynamics"], real_manifest=real,
-                             run_url=run_url, round_index=rnd, env_steps=env_steps, device=device)
+                             run_url=run_url, round_index=rnd, env_steps=env_steps,
+                             device=gpu_device or device)
         im = c.imagine(config=config, dynamics=fit.outputs["dynamics_out"], policy=states["policy"],
                        real_manifest=real, model_manifest_in=states["model_manifest"],
                        rollout_in=states["rollout"], run_url=run_url, round_index=rnd,
                        env_steps=env_steps, device=device)
         up = c.update_sac(config=config, agent_in=states["agent"], real_manifest=real,
                           model_manifest=im.outputs["model_manifest_out"], run_url=run_url,
-                          round_index=rnd, env_steps=env_steps, device=device)
+                          round_index=rnd, env_steps=env_steps, device=gpu_device or device)
         last = c.evaluate(config=config, policy=up.outputs["policy_out"], run_url=run_url,
                           round_index=rnd, env_steps=env_steps)
         for task, step in ((col, "collect"), (fit, "fit_ensemble"), (im, "imagine"),
                            (up, "update_sac"), (last, "evaluate")):
             task.set_display_name(f"r{i} {step}")
+            setup(task)
             # Steps write shards and run records as side effects: never serve them from cache.
             task.set_caching_options(False)
         states = states | {
@@ -67,6 +70,7 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
                      round_index=prev_round, env_steps=env_steps, total_steps=total_steps,
                      registered_model=registered_model)
     fin.after(last)
+    setup(fin)
     fin.set_caching_options(False)
     fin.set_display_name("finalize")
     return fin
@@ -74,7 +78,7 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
 
 def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, namespace: str,
                    kfp_experiment: str, rounds_per_run: int, image: str, tracking_uri: str,
-                   mlflow_experiment: str, registered_model: str) -> str:
+                   mlflow_experiment: str, registered_model: str, gpu: bool) -> str:
     """Submit the next pipeline run of this training run (chaining from inside the cluster)."""
     from pipelines.chain import existing_run
     from pipelines.submit import ClusterTarget, submit_next
@@ -83,21 +87,33 @@ def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, n
     ckpt = run.store.checkpoint()
     name = run_url.rstrip("/").rsplit("/", 1)[-1] + f"-from-r{ckpt.round + 1 if ckpt else 0}"
     target = ClusterTarget(kfp_host or None, namespace or None, kfp_experiment, image,
-                           rounds_per_run, chain_in_cluster=True)
+                           rounds_per_run, chain_in_cluster=True, gpu=gpu)
     run.tracking_uri, run.mlflow_experiment = tracking_uri, mlflow_experiment
     run.registered_model = registered_model
     return submit_next(run, target, name) or ""
 
 
-def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE) -> Callable:
+def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE,
+                   cluster: ClusterSettings | None = None) -> Callable:
     """A pipeline of ``rounds`` rounds; with ``resume`` it continues from imported states.
 
-    With ``chain_in_cluster=True`` at submission, its last task submits the next pipeline run of
-    the chain to the KFP API (``kfp_host``, empty inside the cluster) until ``total_steps``."""
+    ``cluster`` adds the Kubernetes settings (secrets, resources, retries, GPUs) that only a
+    cluster uses. With ``chain_in_cluster=True`` at submission, its last task submits the next
+    pipeline run of the chain to the KFP API until ``total_steps``.
+
+    Caching is off for every task: each step also writes shards, run records and MLflow entries,
+    which a cache hit would silently skip, and its outputs depend on state artifacts that are new
+    in every run, so no hit could be correct and useful at once."""
     if rounds < 1:
         raise ValueError(f"rounds = {rounds} must be >= 1")
     c = make_components(image)
     chain_op = dsl.component(continue_chain, base_image=image, install_kfp_package=False)
+    gpu_device = "cuda" if cluster is not None and cluster.gpu else None
+
+    def setup(task):
+        if cluster is not None:
+            configure(task, cluster)
+        return task
 
     def start(env, seed, overrides, run_url, total_steps, tracking_uri, mlflow_experiment,
               parent_run_id):
@@ -106,6 +122,7 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                           mlflow_experiment=mlflow_experiment, parent_run_id=parent_run_id,
                           kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=image)
         init.set_caching_options(False)
+        setup(init)
         return init.outputs["config"]
 
     def finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
@@ -116,9 +133,11 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                            kfp_host=kfp_host, namespace=namespace, kfp_experiment=kfp_experiment,
                            rounds_per_run=rounds_per_run, image=next_image,
                            tracking_uri=tracking_uri, mlflow_experiment=mlflow_experiment,
-                           registered_model=registered_model).after(fin)
+                           registered_model=registered_model,
+                           gpu=gpu_device is not None).after(fin)
             nxt.set_caching_options(False)
             nxt.set_display_name("submit next run")
+            setup(nxt)
 
     if not resume:
         @dsl.pipeline(name=PIPELINE_NAME, description=f"MBPO, {rounds} rounds from scratch")
@@ -132,9 +151,10 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                            mlflow_experiment, parent_run_id)
             init = c.init_states(config=config)
             init.set_caching_options(False)
+            setup(init)
             states = {name: init.outputs[name] for name in STATE_TYPES}
             fin = _rounds(c, rounds, config, states, run_url, total_steps, device, 0, -1,
-                          registered_model)
+                          registered_model, setup, gpu_device)
             finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
                    kfp_experiment, rounds_per_run, next_image, tracking_uri, mlflow_experiment,
                    registered_model)
@@ -162,7 +182,7 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
             imp.set_display_name(f"import {name}")
             states[name] = imp.output
         fin = _rounds(c, rounds, config, states, run_url, total_steps, device, start_env_steps,
-                      last_round, registered_model)
+                      last_round, registered_model, setup, gpu_device)
         finish(fin, run_url, total_steps, device, chain_in_cluster, kfp_host, namespace,
                kfp_experiment, rounds_per_run, next_image, tracking_uri, mlflow_experiment,
                registered_model)
@@ -170,8 +190,10 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
 
 
 def compile_pipeline(rounds: int, path: str | Path, resume: bool = False,
-                     image: str = DEFAULT_IMAGE) -> Path:
+                     image: str = DEFAULT_IMAGE, cluster: ClusterSettings | None = None) -> Path:
+    """Compile for a cluster: with ``cluster`` settings (default ones when None)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(rounds, resume, image), str(path))
+    compiler.Compiler().compile(build_pipeline(rounds, resume, image, cluster or ClusterSettings()),
+                                str(path))
     return path

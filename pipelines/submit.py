@@ -36,11 +36,21 @@ class ClusterTarget:
     image: str = DEFAULT_IMAGE
     rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN
     chain_in_cluster: bool = False
+    gpu: bool = False
+
+
+IN_CLUSTER_API = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
 
 def _client(target: ClusterTarget):  # noqa: ANN202
     import kfp
 
+    if target.host is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # inside a pod: the KFP API service, authenticated by the pod's projected token
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        return kfp.Client(host=IN_CLUSTER_API, namespace=target.namespace,
+                          credentials=ServiceAccountTokenVolumeCredentials())
     return kfp.Client(host=target.host, namespace=target.namespace,
                       existing_token=os.environ.get(TOKEN_ENV) or None)
 
@@ -59,11 +69,12 @@ def submit_next(run: TrainingRun, target: ClusterTarget, part_name: str) -> str 
         arguments |= {"chain_in_cluster": True, "kfp_host": target.host or "",
                       "namespace": target.namespace or "", "kfp_experiment": target.experiment,
                       "rounds_per_run": target.rounds_per_run, "next_image": target.image}
+    from .cluster import ClusterSettings
     from .pipeline import compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(step.rounds, Path(tmp) / "mbpo.yaml", resume=step.resume,
-                                   image=target.image)
+                                   image=target.image, cluster=ClusterSettings(gpu=target.gpu))
         try:
             result = _client(target).create_run_from_pipeline_package(
                 str(package), arguments=arguments, run_name=part_name,
