@@ -13,7 +13,7 @@ def _compile(tmp_path, rounds, *extra):
     out = tmp_path / "p.yaml"
     assert main(["compile", "--env", "Hopper-v5", "--rounds", str(rounds), "-o", str(out),
                  "--image", "registry.example/mbpo@sha256:abc", *extra]) == 0
-    return yaml.safe_load(out.read_text())
+    return next(yaml.safe_load_all(out.read_text()))  # doc 2: the kubernetes platform spec
 
 
 def _name(step: str, i: int) -> str:
