@@ -23,6 +23,10 @@ from .termination import termination_fn
 
 log = logging.getLogger(__name__)
 
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses; continuing would only spread NaNs."""
+
+
 # Independent random streams of one run, derived from its seed (order is part of the format).
 STREAMS = ("env", "collect", "dynamics", "rollout", "agent")
 
@@ -159,6 +163,7 @@ class ImagineResult:
     rows: torch.Tensor
     rollout_length: int
     mean_steps: float   # average imagined steps per start state (termination shortens rollouts)
+    nonfinite: int = 0  # imagined transitions dropped because the model predicted NaN or inf
 
 
 @torch.no_grad()
@@ -168,18 +173,25 @@ def imagine(cfg: MBPOConfig, dynamics: Dynamics, actor: Actor, real: ReplayBuffe
     term = termination_fn(cfg.env)
     start = real.sample_rows(cfg.rollout.batch_size, generator)
     obs = real.split(start).obs
-    chunks = []
+    chunks, nonfinite = [], 0
     for _ in range(rollout_length):
         act = actor.sample(obs, generator)[0]
         rew, next_obs = dynamics.model.sample_next(obs, act, generator)
         done = term(obs, act, next_obs)
-        chunks.append(torch.cat([obs, act, rew[:, None], next_obs, done[:, None].to(obs.dtype)], 1))
+        row = torch.cat([obs, act, rew[:, None], next_obs, done[:, None].to(obs.dtype)], 1)
         keep = ~done
+        finite = torch.isfinite(row).all(1)
+        if not bool(finite.all()):  # a diverged model: drop those transitions and their rollouts
+            nonfinite += int((~finite).sum())
+            row, keep = row[finite], keep & finite
+        chunks.append(row)
         if not bool(keep.any()):
             break
         obs = next_obs[keep]
     rows = torch.cat(chunks)
-    return ImagineResult(rows, rollout_length, rows.shape[0] / cfg.rollout.batch_size)
+    if nonfinite:
+        log.warning("dropped %d imagined transitions with NaN or inf predictions", nonfinite)
+    return ImagineResult(rows, rollout_length, rows.shape[0] / cfg.rollout.batch_size, nonfinite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +234,14 @@ def update_sac(cfg: MBPOConfig, agent: Agent, real: ReplayBuffer, model_data: Re
         rows = mixed_batch(real, model_data, cfg.sac.batch_size, cfg.sac.real_ratio, g)
         b = real.split(rows)
         total += sac.update(b.obs, b.act, b.rew, b.next_obs, b.done, g)
-    c, a, al, h, q = (total / n_updates).tolist()
-    return {"critic_loss": c, "actor_loss": a, "alpha": al, "entropy": h, "q_mean": q}
+    stats = dict(zip(("critic_loss", "actor_loss", "alpha", "entropy", "q_mean"),
+                     (total / n_updates).tolist()))
+    bad = {k: v for k, v in stats.items() if not np.isfinite(v)}
+    if bad:
+        raise DivergenceError(f"SAC diverged in this round's {n_updates} updates ({bad}); nothing "
+                              "of this round is kept: the last good state is the previous round's. "
+                              "Lower sac.lr or raise sac.batch_size, then resume from it")
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +320,8 @@ def fit_metrics(fit: ens.FitResult) -> dict[str, float]:
 
 def imagine_metrics(dream: ImagineResult, model_buffer_size: int) -> dict[str, float]:
     return {"rollout/length": float(dream.rollout_length), "rollout/mean_steps": dream.mean_steps,
-            "rollout/model_buffer_size": float(model_buffer_size)}
+            "rollout/model_buffer_size": float(model_buffer_size),
+            "rollout/nonfinite_dropped": float(dream.nonfinite)}
 
 
 def sac_metrics(stats: dict[str, float]) -> dict[str, float]:

@@ -123,15 +123,16 @@ def s3_endpoint_url() -> str | None:
 
 
 def _s3_client(endpoint_url: str | None):  # noqa: ANN202 (boto3 client type)
-    # one client per endpoint and credential set (credentials may change, e.g. rotated secrets)
+    # one client per process, endpoint and credential set: credentials may change (rotated
+    # secrets), and a client's connection pool must not be shared with a forked child
     return _cached_client(endpoint_url, os.environ.get("AWS_ACCESS_KEY_ID"),
                           os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                          int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
+                          int(os.environ.get("AWS_MAX_ATTEMPTS", "8")), os.getpid())
 
 
 @lru_cache(maxsize=8)
 def _cached_client(endpoint_url: str | None, access_key: str | None, secret_key: str | None,
-                   max_attempts: int):  # noqa: ANN202
+                   max_attempts: int, pid: int):  # noqa: ANN202
     import boto3
     from botocore.config import Config
 

@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mbpo: storage error: {e}", file=sys.stderr)
         return 3
     except RuntimeError as e:
-        if type(e).__name__ not in ("PipelineRunError", "SubmitError", "TrackingError"):
+        if type(e).__name__ not in ("PipelineRunError", "SubmitError", "TrackingError",
+                                      "DivergenceError"):
             raise
         print(f"mbpo: {e}", file=sys.stderr)
         return 1

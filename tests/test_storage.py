@@ -135,3 +135,39 @@ def test_s3_shards_are_cached_and_verified(s3_env, tmp_path):
     cached.unlink()
     with pytest.raises(ChecksumError, match=shard.uri):
         cache.read(shard)
+
+
+def _writer(args):
+    """One training run's writes (shards + records), as a separate process would do them."""
+    bucket, name, seed = args
+    from mbpo_core.runstore import RunStore
+
+    run = RunStore(f"s3://{bucket}/runs/{name}")
+    refs = []
+    for r in range(4):
+        refs.append(write_shard(run.store, "real", r, _rows(64, seed * 100 + r)))
+        run.write_record(r, "collect", 64 * (r + 1), {"seed": float(seed)}, {"x": refs[-1].uri})
+    return [ref.uri for ref in refs]
+
+
+def test_concurrent_runs_in_one_bucket_stay_apart(s3_env):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mbpo_core.runstore import RunStore
+
+    names = [f"run-{i}" for i in range(4)]
+    with ProcessPoolExecutor(4) as pool:
+        uris = dict(zip(names, pool.map(_writer, [(s3_env, n, i) for i, n in enumerate(names)])))
+    bucket = open_store(f"s3://{s3_env}")
+    for i, name in enumerate(names):
+        keys = bucket.list(f"runs/{name}/")
+        assert len(keys) == 8  # 4 shards + 4 records, nobody else's
+        assert all(u.startswith(f"s3://{s3_env}/runs/{name}/real/") for u in uris[name])
+        run = RunStore(f"s3://{s3_env}/runs/{name}")
+        assert [run.read_record(r, "collect")["metrics"]["seed"] for r in range(4)] == [i] * 4
+        cache = ShardCache()
+        for r, uri in enumerate(uris[name]):
+            sha = uri.rsplit("-", 1)[1].removesuffix(".npz")
+            shard = write_shard(run.store, "real", r, _rows(64, i * 100 + r))  # idempotent
+            assert shard.uri == uri and shard.sha256.startswith(sha)
+            assert np.array_equal(cache.read(shard), _rows(64, i * 100 + r))

@@ -76,6 +76,9 @@ def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_
     assert run.data.params == {k: str(v) for k, v in flat.items()}
     tags = run.data.tags
     assert tags["task"] == ENV and tags["seed"] == "3" and tags["code_version"]
+    # the S3 secret the steps ran with is in no log, param or tag
+    assert info.secret_key not in (out / "pipeline.log").read_text()
+    assert info.secret_key not in json.dumps(run.data.params) + json.dumps(tags)
     assert tags["kfp.pipeline_run_id"] and tags["image"]
     # artifacts, stored by the tracking server in the SeaweedFS bucket
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json",
