@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -276,8 +275,10 @@ def finalize(config: ArtifactLike, policy: ArtifactLike, run_url: str, round_ind
             "eval_return": curve[-1][1] if curve else None, "curve": curve,
             "policy_uri": run.store.uri("policy.pt")}
     Path(final_policy.path).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(policy.path, final_policy.path)
-    run.store.put("policy.pt", Path(policy.path).read_bytes())
+    # published as a plain state dict, loadable with torch.load(weights_only=True) like
+    # `mbpo train`'s policy.pt (inside the pipeline it travels checksummed)
+    torch.save(load_state(policy.path), final_policy.path)
+    run.store.put("policy.pt", Path(final_policy.path).read_bytes())
     Path(summary.path).write_text(json.dumps(data, indent=1))
     run.store.put("summary.json", json.dumps(data, indent=1).encode())
     log.info("run %s: published policy after %d env steps (eval return %s)", run_url, env_steps,

@@ -1,11 +1,15 @@
 """Saving and loading step states safely: plain tensors and Python values only, atomic writes.
 
 Loading uses ``torch.load(weights_only=True)``, which refuses pickled code, so a state file from
-a shared bucket can be read without trusting its author.
+a shared bucket can be read without trusting its author. A state file starts with a one-line
+header carrying the sha256 of the rest, so a corrupted or truncated file fails with an error that
+names it instead of loading garbage. Files without the header (a plain ``torch.save``) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -18,14 +22,21 @@ class StateError(ValueError):
     """A state file is missing, unreadable, or not a state this code can load."""
 
 
+MAGIC = b"MBPO-STATE v1 sha256="
+
+
 def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,9 +48,18 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
 def load_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
                ) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise StateError(f"state file {str(path)!r} does not exist") from None
+    if data.startswith(MAGIC):
+        header, _, data = data.partition(b"\n")
+        expected = header[len(MAGIC):].decode(errors="replace")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise StateError(f"state file {str(path)!r} fails its checksum (sha256 {actual[:16]}..., "
+                             f"header says {expected[:16]}...): corrupt or truncated")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds of errors for bad files
         raise StateError(f"state file {str(path)!r} could not be loaded safely: {e}") from e
     if not isinstance(state, dict):

@@ -30,6 +30,9 @@ from .config import MBPOConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mbpo"
+# mlflow's client retries a dead server for minutes by default; tracking must not stall training
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 METRIC_NAMES = (
     "eval/return_mean", "eval/return_std", "model/train_loss", "model/holdout_mse",
     "model/elite_holdout_mse", "rollout/length", "rollout/model_buffer_size", "sac/critic_loss",
@@ -151,6 +154,8 @@ class Tracker:
 
     # -- logging ------------------------------------------------------------------------------
     def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self._failed:  # one failure: stop trying, so a dead server cannot stall training
+            return None
         try:
             return fn()
         except Exception as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -66,7 +67,8 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
                 open(log_path, "a", buffering=1))))
         stack.enter_context(_Progress(run, enabled=progress))
-        _chain(run, rounds_per_run, root, keep_artifacts, {"image": image} if image else {})
+        _chain(run, rounds_per_run, root, keep_artifacts, {"image": image} if image else {},
+               None if verbose else log_path)
     result = summary(run, time.perf_counter() - start)
     (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -146,8 +148,22 @@ def check_docker(run: TrainingRun) -> None:
                                "containers (they cannot see this machine's folders)")
 
 
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Failed)): (.+)$")
+
+
+def _cause(log_path: Path | None) -> str:
+    """The last exception a task logged: the reason behind kfp.local's 'task failed'."""
+    if log_path is None or not log_path.is_file():
+        return ""
+    for line in reversed(log_path.read_text(errors="replace").splitlines()[-2000:]):
+        m = _ERROR_LINE.match(line)
+        if m and m.group(1) not in ("RuntimeError", "StepFailed"):
+            return f"\ncause: {m.group(1)}: {m.group(2)}"
+    return ""
+
+
 def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bool,
-           image_kw: dict[str, str]) -> None:
+           image_kw: dict[str, str], log_path: Path | None) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
         pipeline = build_pipeline(step.rounds, resume=step.resume, **image_kw)
@@ -159,7 +175,8 @@ def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bo
                 warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
                 pipeline(**step.arguments)
         except Exception as e:  # kfp.local raises RuntimeError naming the failed task
-            raise PipelineRunError(f"{e}\nthe training run is stored at {run.run_url}; continue it "
-                                   f"with: mbpo run --resume-from {run.run_url}") from e
+            raise PipelineRunError(f"{e}{_cause(log_path)}\nthe training run is stored at "
+                                   f"{run.run_url}; continue it with: mbpo run --resume-from "
+                                   f"{run.run_url}") from e
         if not keep_artifacts:
             _prune(root, run)

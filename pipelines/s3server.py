@@ -39,6 +39,12 @@ def weed_binary() -> str:
     return found
 
 
+def _launch(cmd: list[str], data: Path) -> subprocess.Popen:
+    with open(data / "weed.log", "ab") as logfile:
+        return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 @dataclass
 class S3Server:
     """A running SeaweedFS S3 endpoint with one access key pair."""
@@ -48,6 +54,7 @@ class S3Server:
     secret_key: str
     process: subprocess.Popen
     data_dir: Path
+    command: list[str]
 
     @classmethod
     def start(cls, data_dir: str | os.PathLike[str], access_key: str, secret_key: str,
@@ -71,13 +78,16 @@ class S3Server:
                *(f"-{name}={ports[name]}" for name in names if "." in name),
                "-s3", f"-s3.port={port}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
                "-volume.max=32", f"-filer.localSocket={data / 'filer.sock'}"]
-        logfile = open(data / "weed.log", "ab")  # noqa: SIM115 (owned by the process)
-        proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        server = cls(f"http://127.0.0.1:{port}", access_key, secret_key, proc, data)
+        server = cls(f"http://127.0.0.1:{port}", access_key, secret_key, _launch(cmd, data), data,
+                     cmd)
         server.wait_ready(timeout_s)
         log.info("SeaweedFS S3 at %s (data in %s)", server.endpoint_url, data)
         return server
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Start it again on the same ports and data (after ``stop``): a server that came back."""
+        self.process = _launch(self.command, self.data_dir)
+        self.wait_ready(timeout_s)
 
     def client(self, access_key: str | None = None, secret_key: str | None = None):  # noqa: ANN201
         import boto3

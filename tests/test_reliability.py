@@ -102,3 +102,21 @@ def test_random_configurations_fail_only_with_documented_errors(env, pairs, raw)
         if isinstance(value, float):
             assert math.isfinite(value)
     assert MBPOConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_corrupt_or_truncated_checkpoint_fails_its_checksum(tmp_path):
+    from mbpo_core.state import StateError, load_state, save_state
+
+    cfg = make_config("Hopper-v5", TINY, seed=0)
+    path = tmp_path / "agent.pt"
+    save_state(Agent(cfg).state_dict(), path)
+    good = path.read_bytes()
+    assert load_state(path)["sac"]["updates"] == 0
+    path.write_bytes(good[:-100])  # truncated
+    with pytest.raises(StateError, match=r"agent\.pt.*fails its checksum"):
+        load_state(path)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # one bit somewhere in the weights
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(StateError, match="corrupt or truncated"):
+        load_state(path)
