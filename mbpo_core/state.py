@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .storage import write_atomic
 
 
 class StateError(ValueError):
@@ -26,23 +27,11 @@ MAGIC = b"MBPO-STATE v1 sha256="
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getvalue()
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The checksum header and the torch payload, written atomically (temporary file + rename)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    write_atomic(Path(path), MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n", payload)
 
 
 def load_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"

@@ -24,6 +24,22 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 
+def write_atomic(path: Path, *chunks: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class StorageError(RuntimeError):
     """An object is missing, unreadable, or the store refused or could not be reached."""
 
@@ -73,18 +89,7 @@ class LocalStore(ObjectStore):
         return path
 
     def put(self, key: str, data: bytes) -> str:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._path(key), data)
         return self.uri(key)
 
     def get(self, key: str) -> bytes:
