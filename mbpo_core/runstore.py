@@ -125,5 +125,13 @@ class RunStore:
                 if upto_round is None or r <= upto_round]
 
     def curve(self, upto_round: int | None = None) -> list[list[float]]:
-        return [[steps, m["eval/return_mean"], m["eval/return_std"]]
-                for steps, m in self.metrics(upto_round)]
+        """[env steps, mean, std] per complete round, from the evaluate records alone (one read
+        per round rather than five: evaluate and finalize call this every round)."""
+        out = []
+        for r in self.complete_rounds():
+            if upto_round is not None and r > upto_round:
+                break
+            rec = self.read_record(r, "evaluate")
+            m = {k: (math.nan if v is None else v) for k, v in rec["metrics"].items()}
+            out.append([int(rec["env_steps"]), m["eval/return_mean"], m["eval/return_std"]])
+        return out
