@@ -95,9 +95,10 @@ def _tracker(run: RunStore, info: dict[str, Any] | None = None):  # noqa: ANN202
     tracking = (info or {}).get("tracking") or {}
     if not tracking.get("run_id"):
         return None
-    from mbpo_core.tracking import Tracker
+    from mbpo_core.tracking import PENDING_DIR, Tracker
 
-    return Tracker(tracking["uri"], tracking["run_id"])
+    # kept in the run's store while MLflow is down: the next step (or `mbpo sync`) sends them
+    return Tracker(tracking["uri"], tracking["run_id"], pending=run.store.child(PENDING_DIR))
 
 
 def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics: dict[str, float],

@@ -6,13 +6,18 @@ everything goes through ``MlflowClient`` by run id rather than mlflow's process-
 every later step logs into it. Where KFP's MLflow integration already gives a process an
 ``MLFLOW_RUN_ID``, ``mbpo train`` logs into that run instead of creating one.
 
-Tracking is best effort: if the tracking server cannot be reached, training goes on and the
-failure is logged once per process, loudly, with what was not recorded.
+Tracking is best effort: if the tracking server cannot be reached, training goes on. The failure
+is logged once, loudly; metrics and the run's end are kept in a *pending* folder (a local folder,
+or the run's object store, so that every step process of a pipeline shares it) and sent as soon
+as the server answers again, checked at most every ``MBPO_TRACKING_RETRY_S`` seconds (default 30)
+with a quick /health probe, never with minutes of client retries. What is still pending when
+training ends is sent later with ``mbpo sync``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -26,6 +31,7 @@ from torch import nn
 
 from . import __version__
 from .config import MBPOConfig
+from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +52,29 @@ def default_tracking_uri(workdir: str | os.PathLike[str] = ".") -> str:
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+PENDING_DIR = "tracking-pending"  # under a train --out folder or a pipeline run's store URL
+MAX_METRICS_PER_BATCH = 1000      # MLflow's log_batch limit
+
+
 class TrackingError(RuntimeError):
     """The MLflow tracking server cannot be reached (found before any training starts)."""
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """An HTTP tracking server must answer /health now, not after minutes of client retries."""
+def _probe(uri: str, timeout_s: float) -> None:
+    """Raise OSError unless an HTTP tracking server answers /health (other stores: no probe)."""
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return
+    with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+        if r.status != 200:
             raise OSError(f"HTTP {r.status}")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An HTTP tracking server must answer /health now, not after minutes of client retries."""
+    try:
+        _probe(uri, timeout_s)
     except OSError as e:
         raise TrackingError(f"the MLflow tracking server at {_redact(uri)} does not answer "
                             f"({e}); start it (e.g. `mbpo stack up`), fix --tracking-uri / "
@@ -112,20 +126,31 @@ class DeterministicPolicy(nn.Module):
 
 
 class Tracker:
-    """Logs into one MLflow run by id; every call is best effort (see the module docstring)."""
+    """Logs into one MLflow run by id; every call is best effort (see the module docstring).
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    ``pending``: where metrics wait while the server is down (``None``: they are lost, and the
+    log says so).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, pending: ObjectStore | None = None,
+                 retry_s: float | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.tracking_uri, self.run_id, self.pending = tracking_uri, run_id, pending
         self.client = MlflowClient(tracking_uri)
-        self._failed = False
+        self.retry_s = float(os.environ.get("MBPO_TRACKING_RETRY_S", "30")) if retry_s is None \
+            else retry_s
+        self._down_since: float | None = None  # monotonic time of the failure, while down
+        self._last_probe = 0.0
+        self._reported = False                  # the failure has been logged (once per process)
+        self._pending_checked = False           # earlier processes' pending records looked for
 
     # -- creating or reopening ------------------------------------------------------------------
     @classmethod
     def create(cls, tracking_uri: str, cfg: MBPOConfig, *, experiment: str = DEFAULT_EXPERIMENT,
                run_name: str | None = None, tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None, artifact_location: str | None = None) -> Tracker:
+               parent_run_id: str | None = None, artifact_location: str | None = None,
+               pending: ObjectStore | None = None) -> Tracker:
         """A new MLflow run with the full resolved configuration as params."""
         from mlflow.tracking import MlflowClient
 
@@ -138,7 +163,7 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        tracker = cls(tracking_uri, run.info.run_id)
+        tracker = cls(tracking_uri, run.info.run_id, pending)
         tracker.log_config(cfg)
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment,
                  _redact(tracking_uri))
@@ -152,19 +177,81 @@ class Tracker:
         self._guard("set tags", lambda: [self.client.set_tag(self.run_id, k, v)
                                          for k, v in tags.items()])
 
-    # -- logging ------------------------------------------------------------------------------
+    # -- availability ---------------------------------------------------------------------------
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    def _available(self) -> bool:
+        """Up, or down but answering a /health probe again (tried at most every retry_s)."""
+        if self._down_since is None:
+            return True
+        now = time.monotonic()
+        if now - self._last_probe < self.retry_s:
+            return False
+        self._last_probe = now
+        try:
+            _probe(self.tracking_uri, timeout_s=2.0)
+        except OSError:
+            return False
+        log.warning("the MLflow tracking server at %s answers again after %.0f s",
+                    _redact(self.tracking_uri), now - self._down_since)
+        self._down_since, self._pending_checked = None, False
+        return True
+
+    def _fail(self, what: str, error: Exception) -> None:
+        if not self._reported:
+            kept = (f"metrics are kept in {self.pending.url} and sent when it answers again "
+                    f"(or with `mbpo sync`)" if self.pending is not None else
+                    "metrics from now on are not recorded in MLflow")
+            log.error("MLflow tracking failed (%s at %s): %s; training continues, and %s", what,
+                      _redact(self.tracking_uri), error, kept)
+            self._reported = True
+        self._down_since = self._last_probe = time.monotonic()
+
     def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
-        if self._failed:  # one failure: stop trying, so a dead server cannot stall training
+        if not self._available():  # down: no call until a probe says it is back
             return None
         try:
             return fn()
         except Exception as e:
-            if not self._failed:
-                log.error("MLflow tracking failed (%s at %s): %s; training continues, and this "
-                          "process records nothing more in MLflow", what,
-                          _redact(self.tracking_uri), e)
-            self._failed = True
+            self._fail(what, e)
             return None
+
+    # -- pending records ------------------------------------------------------------------------
+    def _keep(self, records: list[dict[str, Any]]) -> None:
+        if self.pending is None or not records:
+            return
+        body = "".join(json.dumps(r) + "\n" for r in records).encode()
+        try:
+            self.pending.put(f"{time.time_ns():020d}-{os.getpid()}.jsonl", body)
+        except Exception as e:  # the store failing too must not stop training either
+            log.error("could not keep %d tracking records in %s: %s", len(records),
+                      self.pending.url, e)
+
+    def _send_pending(self) -> int:
+        """Send what this or an earlier process kept while the server was down; records count."""
+        if self.pending is None or self._pending_checked:
+            return 0
+        if self.pending.list():
+            # an earlier step found the server down: a quick probe first, not the client's retries
+            _probe(self.tracking_uri, timeout_s=2.0)
+        sent = send_pending(self.pending, self.client, self.run_id)
+        self._pending_checked = True
+        if sent:
+            log.info("sent %d tracking records kept while MLflow was down", sent)
+        return sent
+
+    def _record(self, record: dict[str, Any], what: str, send: Callable[[], Any]) -> None:
+        """Send ``record`` (pending ones first), or keep it for later."""
+        if self._available():
+            try:
+                self._send_pending()
+                send()
+                return
+            except Exception as e:
+                self._fail(what, e)
+        self._keep([record | {"run_id": self.run_id, "uri": self.tracking_uri}])
 
     def log_config(self, cfg: MBPOConfig) -> None:
         from mlflow.entities import Param
@@ -183,9 +270,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)]
-        self._guard("log metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+        finite = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        batch = [Metric(k, v, now, step) for k, v in finite.items()]
+        self._record({"step": int(step), "timestamp": now, "metrics": finite}, "log metrics",
+                     lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_curve(self, curve: list[list[float]], title: str) -> None:
         """The learning curve as learning_curve.png (replaced every round)."""
@@ -213,6 +302,10 @@ class Tracker:
                     registered_model_name=registered_name or None,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
             return info.model_uri
+        if self.down and not self._available():
+            log.error("MLflow is down: the final policy is not logged there (it is in the run's "
+                      "outputs: policy.pt)")
+            return None
         return self._guard("log the policy model", log)
 
     def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -220,7 +313,48 @@ class Tracker:
                     lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard("end the run", lambda: self.client.set_terminated(self.run_id, status))
+        """End the run; while the server is down the end is kept with the pending metrics."""
+        self._record({"status": status}, "end the run",
+                     lambda: self.client.set_terminated(self.run_id, status))
+        if self.down and self.pending is not None:
+            log.error("the MLflow server at %s is still down: this run's remaining metrics and "
+                      "its end are kept in %s; send them with `mbpo sync %s`",
+                      _redact(self.tracking_uri), self.pending.url,
+                      self.pending.url.rsplit("/", 1)[0])
+
+
+def send_pending(pending: ObjectStore, client: Any = None, run_id: str | None = None,
+                 tracking_uri: str | None = None) -> int:
+    """Send kept records (oldest first) and delete each object once sent. ``run_id`` limits it
+    to one run; ``client`` (else one for ``tracking_uri``, else for each record's own URI) is
+    where they go. Raises the client's error if the server fails again (the rest stays kept)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    clients: dict[str, Any] = {}
+    sent = 0
+    for key in pending.list():
+        if not key.endswith(".jsonl"):
+            continue
+        records = [json.loads(line) for line in pending.get(key).decode().splitlines()
+                   if line.strip()]
+        if run_id is not None and any(r["run_id"] != run_id for r in records):
+            continue
+        for r in records:
+            if client is None:
+                uri = tracking_uri or r["uri"]
+                c = clients.get(uri) or clients.setdefault(uri, MlflowClient(uri))
+            else:
+                c = client
+            if "metrics" in r:
+                batch = [Metric(k, v, r["timestamp"], r["step"]) for k, v in r["metrics"].items()]
+                for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+                    c.log_batch(r["run_id"], metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+            if "status" in r:
+                c.set_terminated(r["run_id"], r["status"])
+        pending.delete(key)
+        sent += len(records)
+    return sent
 
 
 def curve_png(curve: list[list[float]], title: str) -> Any:

@@ -65,12 +65,20 @@ def default_run_name(env: str, seed: int) -> str:
     return f"{env.lower()}-s{seed}-{stamp}"
 
 
+RUN_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one safe object-key and path component: no '/', '..', spaces or newlines."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"--run-name {name!r}: allowed {RUN_NAME_RULE}")
+    return name
+
+
 def new_run(env: str, seed: int, overrides: list[str], total_steps: int, store_url: str,
             run_name: str | None = None, device: str = "cpu") -> TrainingRun:
     """A fresh training run under ``<store>/runs/<name>``; refuses to reuse a started run."""
-    name = run_name or default_run_name(env, seed)
-    if not _NAME.match(name):
-        raise ConfigError(f"--run-name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+    name = check_run_name(run_name or default_run_name(env, seed))
     run = TrainingRun(env, seed, list(overrides), total_steps,
                       open_store(store_url).uri(f"runs/{name}"), device)
     if run.store.store.exists("run.json"):

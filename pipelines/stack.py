@@ -52,6 +52,11 @@ def _state_file(directory: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    try:  # an exited child of this process stays a zombie (and "alive" to kill 0) until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
     try:
         os.kill(pid, 0)
         return True
@@ -80,15 +85,13 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
     raise StackError(f"the MLflow server did not answer at {url} in {timeout_s:.0f} s; see {log}")
 
 
-def start_mlflow(directory: Path, s3: S3Server, port: int | None = None,
-                 timeout_s: float = 90.0) -> tuple[str, subprocess.Popen]:
-    """An ``mlflow server`` with a SQLite store and artifacts proxied to ``s3``."""
+def start_mlflow(directory: Path, s3_endpoint: str, access_key: str, secret_key: str,
+                 port: int | None = None, timeout_s: float = 90.0) -> tuple[str, subprocess.Popen]:
+    """An ``mlflow server`` with a SQLite store and artifacts proxied to the S3 server."""
     port = port or free_port()
-    s3.client().create_bucket(Bucket=ARTIFACT_BUCKET)
     log = directory / "mlflow.log"
-    env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
-                        "AWS_ACCESS_KEY_ID": s3.access_key,
-                        "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": access_key,
+                        "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
@@ -115,7 +118,9 @@ def up(directory: str | os.PathLike[str]) -> StackInfo:
                         secret_key=secrets.token_urlsafe(24))
     try:
         s3.client().create_bucket(Bucket=STORE_BUCKET)
-        mlflow_uri, mlflow_proc = start_mlflow(directory, s3)
+        s3.client().create_bucket(Bucket=ARTIFACT_BUCKET)
+        mlflow_uri, mlflow_proc = start_mlflow(directory, s3.endpoint_url, s3.access_key,
+                                               s3.secret_key)
     except BaseException:
         s3.stop()
         raise
@@ -124,6 +129,21 @@ def up(directory: str | os.PathLike[str]) -> StackInfo:
     state = _state_file(directory)
     state.touch(mode=0o600)
     state.write_text(json.dumps(asdict(info), indent=1))
+    return info
+
+
+def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
+    """Start the stack's MLflow server again, on the same port and store (after it died)."""
+    info = load(directory)
+    if info is None:
+        raise StackError(f"no stack recorded in {directory}")
+    if _alive(info.mlflow_pid):
+        _stop(info.mlflow_pid)
+    port = int(info.mlflow_uri.rsplit(":", 1)[1])
+    _, proc = start_mlflow(Path(info.dir), info.s3_endpoint, info.access_key, info.secret_key,
+                           port=port)
+    info.mlflow_pid = proc.pid
+    _state_file(Path(info.dir)).write_text(json.dumps(asdict(info), indent=1))
     return info
 
 

@@ -74,33 +74,113 @@ def test_s3_outage_mid_run_then_finish_loses_and_duplicates_nothing(tmp_path, mo
         server.stop()
 
 
-def test_mlflow_server_lost_mid_run_training_goes_on(tmp_path):
-    directory = tmp_path / "stack"
-    info = stack.up(directory)
-    try:
-        out = tmp_path / "train"
-        cmd = [sys.executable, "-m", "pipelines.cli", "train", "--env", ENV, "--total-steps",
-               "2500", "--out", str(out), "--no-progress", "--stack", str(directory),
-               "--experiment", "faults", "--set", *TINY]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=os.environ | {"PYTHONPATH": os.getcwd()})
-        from mlflow.tracking import MlflowClient
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("stack")
+    stack.up(directory)
+    yield directory
+    stack.down(directory)
 
-        client = MlflowClient(info.mlflow_uri)
 
-        def logging_started() -> bool:
-            try:
-                exp = client.get_experiment_by_name("faults")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-                return bool(runs and runs[0].data.metrics)
-            except Exception:
-                return False
-        _wait(logging_started, "the first metrics in MLflow", proc)
-        os.killpg(info.mlflow_pid, signal.SIGKILL)  # the tracking server dies mid-run
-        _, err = proc.communicate(timeout=600)
-    finally:
-        stack.down(directory)
+@pytest.fixture
+def live_stack(fault_stack):
+    """The module's stack with its MLflow server running (a test before may have killed it)."""
+    if not stack.status(fault_stack)["mlflow"]:
+        stack.restart_mlflow(fault_stack)
+    return fault_stack, stack.load(fault_stack)
+
+
+def _history(client, run_id: str, key: str = "eval/return_mean") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_mlflow_server_lost_mid_run_training_goes_on_and_loses_no_metrics(tmp_path, live_stack):
+    from mlflow.tracking import MlflowClient
+
+    directory, info = live_stack
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--env", ENV, "--total-steps",
+           "1500", "--out", str(out), "--no-progress", "--stack", str(directory),
+           "--experiment", "faults", "--set", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": os.getcwd(),
+                                              "MBPO_TRACKING_RETRY_S": "1"})
+    client = MlflowClient(info.mlflow_uri)
+
+    def logging_started() -> bool:
+        try:
+            exp = client.get_experiment_by_name("faults")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs and runs[0].data.metrics)
+        except Exception:
+            return False
+    _wait(logging_started, "the first metrics in MLflow", proc)
+    run_id = client.search_runs([client.get_experiment_by_name("faults").experiment_id])[0] \
+        .info.run_id
+    os.killpg(info.mlflow_pid, signal.SIGKILL)  # the tracking server dies mid-run ...
+    time.sleep(3)
+    info = stack.restart_mlflow(directory)      # ... and comes back while training goes on
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["env_steps"] == 2500 and len(summary["curve"]) == 49
+    assert summary["env_steps"] == 1500 and len(summary["curve"]) == 29
     assert err.count("MLflow tracking failed") == 1, "the loss is reported once, clearly"
+    assert "answers again" in err and "sent" in err, err[-2000:]
+    # nothing lost: every round's metrics reached MLflow, the kept ones sent after the restart
+    assert _history(client, run_id) == [(int(s), m) for s, m, _ in summary["curve"]]
+    assert len(_history(client, run_id, "sac/critic_loss")) == 29
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not list((out / "tracking-pending").glob("*.jsonl"))
+
+
+def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sync(
+        monkeypatch, capsys, caplog, live_stack):
+    """The pipeline path: each step is its own process, so what one step could not send is kept
+    in the run's S3 store, and a later step (or `mbpo sync` after the run) sends it."""
+    from mlflow.tracking import MlflowClient
+
+    from mbpo_core.config import make_config
+    from mbpo_core.tracking import PENDING_DIR, Tracker
+    from pipelines.s3server import free_port
+
+    directory, info = live_stack
+    for k, v in info.env().items():
+        monkeypatch.setenv(k, v)
+    run_url = "s3://mbpo/store/runs/kept"
+    pending = open_store(f"{run_url}/{PENDING_DIR}")
+    first = Tracker.create(info.mlflow_uri, make_config(ENV, TINY), experiment="kept",
+                           pending=pending)
+    first.log_metrics({"eval/return_mean": 1.0}, 100)
+    client = MlflowClient(info.mlflow_uri)
+
+    def step(value: float, steps: int, uri: str = info.mlflow_uri, end: bool = False) -> None:
+        """What one pipeline step process does: a fresh tracker, one batch of metrics."""
+        tracker = Tracker(uri, first.run_id, pending=pending, retry_s=1)
+        tracker.log_metrics({"eval/return_mean": value, "sac/alpha": 0.1}, steps)
+        if end:
+            tracker.finish()
+
+    os.killpg(info.mlflow_pid, signal.SIGKILL)
+    step(2.0, 150)                                   # two steps while the server is down
+    step(3.0, 200)
+    assert len(pending.list()) == 2
+    stack.restart_mlflow(directory)
+    step(4.0, 250)                                   # the next step sends them, in order
+    assert _history(client, first.run_id) == [(100, 1.0), (150, 2.0), (200, 3.0), (250, 4.0)]
+    assert pending.list() == []
+
+    # the last step ends while its server is unreachable (a port nothing listens on) ...
+    dead = f"http://127.0.0.1:{free_port()}"
+    caplog.clear()
+    step(5.0, 300, uri=dead, end=True)
+    assert f"send them with `mbpo sync {run_url}`" in caplog.text
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    # ... and `mbpo sync` sends the rest, to the server given (the records name the dead one)
+    assert main(["sync", run_url, "--tracking-uri", info.mlflow_uri]) == 0
+    assert "sent 2 tracking records" in capsys.readouterr().out
+    assert _history(client, first.run_id)[-1] == (300, 5.0)
+    assert len(_history(client, first.run_id, "sac/alpha")) == 4
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert pending.list() == []
+    assert main(["sync", run_url]) == 0              # nothing left: a no-op
+    assert "nothing pending" in capsys.readouterr().out
