@@ -258,11 +258,11 @@ class Tracker:
 
         params = [Param(k, str(v)) for k, v in sorted(cfg.flat().items())]
 
-        def log() -> None:
+        def log_params() -> None:
             for i in range(0, len(params), 100):
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             self.client.log_text(self.run_id, cfg.to_json(), "config.json")
-        self._guard("log the configuration", log)
+        self._guard("log the configuration", log_params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import math
@@ -294,7 +294,7 @@ class Tracker:
         # batch of 2: torch.export keeps a size-1 dimension static, and the batch must not be
         example = np.zeros((2, obs_dim), dtype=np.float32)
 
-        def log() -> str:
+        def log_model() -> str:
             mlflow.set_tracking_uri(self.tracking_uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
@@ -306,7 +306,7 @@ class Tracker:
             log.error("MLflow is down: the final policy is not logged there (it is in the run's "
                       "outputs: policy.pt)")
             return None
-        return self._guard("log the policy model", log)
+        return self._guard("log the policy model", log_model)
 
     def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self._guard(f"log {Path(path).name}",

@@ -139,7 +139,10 @@ def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sy
     in the run's S3 store, and a later step (or `mbpo sync` after the run) sends it."""
     from mlflow.tracking import MlflowClient
 
+    import torch
+
     from mbpo_core.config import make_config
+    from mbpo_core.sac import Actor
     from mbpo_core.tracking import PENDING_DIR, Tracker
     from pipelines.s3server import free_port
 
@@ -172,7 +175,12 @@ def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sy
     # the last step ends while its server is unreachable (a port nothing listens on) ...
     dead = f"http://127.0.0.1:{free_port()}"
     caplog.clear()
-    step(5.0, 300, uri=dead, end=True)
+    last = Tracker(dead, first.run_id, pending=pending, retry_s=60)
+    last.log_metrics({"eval/return_mean": 5.0, "sac/alpha": 0.1}, 300)
+    actor = Actor(4, 1, 32, 2, torch.Generator())
+    assert last.log_policy(actor, 4, -torch.ones(1), torch.ones(1), "kept-policy") is None
+    assert "the final policy is not logged there" in caplog.text
+    last.finish()
     assert f"send them with `mbpo sync {run_url}`" in caplog.text
     assert client.get_run(first.run_id).info.status == "RUNNING"
     # ... and `mbpo sync` sends the rest, to the server given (the records name the dead one)
@@ -184,3 +192,36 @@ def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sy
     assert pending.list() == []
     assert main(["sync", run_url]) == 0              # nothing left: a no-op
     assert "nothing pending" in capsys.readouterr().out
+
+
+_WRITER = """
+import os, sys
+from mbpo_core.storage import open_store
+data = os.urandom(int(sys.argv[2]) * 2**20)
+print("ready", flush=True)
+open_store(sys.argv[1]).put("big.npz", data)
+"""
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_writer_killed_mid_write_leaves_no_visible_object(kind, tmp_path, s3_env):
+    """Readers see a whole object or none: local writes go to a hidden temporary file that is
+    renamed, S3 uploads appear only when complete (multipart: at CompleteMultipartUpload)."""
+    url = str(tmp_path / "store") if kind == "local" else f"s3://{s3_env}/store"
+    store = open_store(url)
+    if kind == "s3":
+        client, bucket = store.client, s3_env
+
+        def writing() -> bool:
+            return bool(client.list_multipart_uploads(Bucket=bucket).get("Uploads"))
+    else:
+        def writing() -> bool:
+            return any(p.name.endswith(".part") for p in (tmp_path / "store").rglob("*"))
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, url, "256"], stdout=subprocess.PIPE,
+                            text=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
+    assert proc.stdout.readline().strip() == "ready"
+    _wait(writing, "the write to start", proc, timeout_s=60)
+    proc.kill()                                    # SIGKILL in the middle of the write
+    proc.wait()
+    assert not store.exists("big.npz")
+    assert store.list() == [], "no partial object is visible to readers"
