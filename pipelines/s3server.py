@@ -68,7 +68,9 @@ class S3Server:
         config.write_text(json.dumps(identities))
         config.chmod(0o600)
         port = port or free_port()
-        # every listener on its own free port, so several servers (tests, a stack) can coexist
+        # every listener on its own free port, so several servers (tests, a stack) can coexist.
+        # Each bucket is a collection that grows 7 volumes at once; volumes are sparse files, so
+        # a high slot count costs no disk, and too few ends in "no free volumes left".
         names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
                  "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
         ports = {name: free_port() for name in names}
@@ -77,7 +79,7 @@ class S3Server:
                f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
                *(f"-{name}={ports[name]}" for name in names if "." in name),
                "-s3", f"-s3.port={port}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
-               "-volume.max=32", f"-filer.localSocket={data / 'filer.sock'}"]
+               "-volume.max=256", f"-filer.localSocket={data / 'filer.sock'}"]
         server = cls(f"http://127.0.0.1:{port}", access_key, secret_key, _launch(cmd, data), data,
                      cmd)
         server.wait_ready(timeout_s)
