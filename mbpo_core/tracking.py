@@ -233,10 +233,10 @@ class Tracker:
         """Send what this or an earlier process kept while the server was down; records count."""
         if self.pending is None or self._pending_checked:
             return 0
-        if self.pending.list():
-            # an earlier step found the server down: a quick probe first, not the client's retries
+        keys = self.pending.list()
+        if keys:  # an earlier step found the server down: a quick probe, not the client's retries
             _probe(self.tracking_uri, timeout_s=2.0)
-        sent = send_pending(self.pending, self.client, self.run_id)
+        sent = send_pending(self.pending, self.client, self.run_id, keys=keys)
         self._pending_checked = True
         if sent:
             log.info("sent %d tracking records kept while MLflow was down", sent)
@@ -324,16 +324,17 @@ class Tracker:
 
 
 def send_pending(pending: ObjectStore, client: Any = None, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> int:
+                 tracking_uri: str | None = None, keys: list[str] | None = None) -> int:
     """Send kept records (oldest first) and delete each object once sent. ``run_id`` limits it
     to one run; ``client`` (else one for ``tracking_uri``, else for each record's own URI) is
-    where they go. Raises the client's error if the server fails again (the rest stays kept)."""
+    where they go; ``keys``: the pending objects if already listed. Raises the client's error if
+    the server fails again (the rest stays kept)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     clients: dict[str, Any] = {}
     sent = 0
-    for key in pending.list():
+    for key in pending.list() if keys is None else keys:
         if not key.endswith(".jsonl"):
             continue
         records = [json.loads(line) for line in pending.get(key).decode().splitlines()
@@ -341,11 +342,12 @@ def send_pending(pending: ObjectStore, client: Any = None, run_id: str | None = 
         if run_id is not None and any(r["run_id"] != run_id for r in records):
             continue
         for r in records:
-            if client is None:
+            c = client
+            if c is None:
                 uri = tracking_uri or r["uri"]
-                c = clients.get(uri) or clients.setdefault(uri, MlflowClient(uri))
-            else:
-                c = client
+                if uri not in clients:
+                    clients[uri] = MlflowClient(uri)
+                c = clients[uri]
             if "metrics" in r:
                 batch = [Metric(k, v, r["timestamp"], r["step"]) for k, v in r["metrics"].items()]
                 for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
