@@ -21,14 +21,27 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def free_port() -> int:
-    """A free loopback port below 55536 (SeaweedFS derives gRPC ports as port + 10000)."""
-    while True:
-        with socket.socket() as s:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports below 55536 (SeaweedFS derives gRPC ports as port +
+    10000). All are held open until every one is chosen: ports picked one at a time can repeat,
+    and two listeners of one server on the same port make it exit."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < n:
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55536:
-            return port
+            if s.getsockname()[1] < 55536:
+                held.append(s)
+            else:
+                s.close()
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def weed_binary() -> str:
@@ -67,13 +80,14 @@ class S3Server:
         config = data / "s3-identities.json"
         config.write_text(json.dumps(identities))
         config.chmod(0o600)
-        port = port or free_port()
         # every listener on its own free port, so several servers (tests, a stack) can coexist.
         # Each bucket is a collection that grows 7 volumes at once; volumes are sparse files, so
         # a high slot count costs no disk, and too few ends in "no free volumes left".
         names = ("master", "master.port.grpc", "volume", "volume.port.grpc", "filer",
                  "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
-        ports = {name: free_port() for name in names}
+        *chosen, s3_port = free_ports(len(names) + 1)
+        ports = dict(zip(names, chosen))
+        port = port or s3_port
         cmd = [weed_binary(), "server", f"-dir={data / 'volumes'}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", f"-master.port={ports['master']}",
                f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
