@@ -45,6 +45,11 @@ def _finite(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
+def _metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A record's metrics with the stored nulls (non-finite values) read back as NaN."""
+    return {k: (math.nan if v is None else v) for k, v in record["metrics"].items()}
+
+
 class RunStore:
     def __init__(self, run_url: str) -> None:
         self.url = run_url.rstrip("/")
@@ -115,8 +120,7 @@ class RunStore:
         """(env_steps, the metrics of all its steps) of one complete round."""
         merged: dict[str, float] = {}
         for step in STEPS:
-            rec = self.read_record(round_index, step)
-            merged |= {k: (math.nan if v is None else v) for k, v in rec["metrics"].items()}
+            merged |= _metrics(self.read_record(round_index, step))
         return int(self.read_record(round_index, "collect")["env_steps"]), merged
 
     def metrics(self, upto_round: int | None = None) -> list[tuple[int, dict[str, float]]]:
@@ -132,6 +136,6 @@ class RunStore:
             if upto_round is not None and r > upto_round:
                 break
             rec = self.read_record(r, "evaluate")
-            m = {k: (math.nan if v is None else v) for k, v in rec["metrics"].items()}
+            m = _metrics(rec)
             out.append([int(rec["env_steps"]), m["eval/return_mean"], m["eval/return_std"]])
         return out

@@ -20,8 +20,10 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,27 +78,44 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         _probe(uri, timeout_s)
     except OSError as e:
-        raise TrackingError(f"the MLflow tracking server at {_redact(uri)} does not answer "
+        raise TrackingError(f"the MLflow tracking server at {redact_uri(uri)} does not answer "
                             f"({e}); start it (e.g. `mbpo stack up`), fix --tracking-uri / "
                             "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "databricks")
+TRACKING_FORMS = ("http(s)://HOST[:PORT], sqlite:///FILE, file:///DIR, postgresql://, mysql://, "
+                  "databricks or a local folder")
+
+
 def check_tracking_uri(uri: str) -> str:
-    """Refuse URIs with embedded credentials: they would land in parameters, logs and run
-    records. Servers that need auth get MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN from the
+    """A usable tracking URI, else ConfigError naming it (credentials masked) and what is
+    allowed. URIs with credentials are refused: they would land in parameters, logs and run
+    records; servers that need auth get MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN from the
     environment instead."""
     from urllib.parse import urlsplit
 
     from .config import ConfigError
 
-    parts = urlsplit(uri)
+    shown = redact_uri(uri)
+    if any(unicodedata.category(c) == "Cc" for c in uri):
+        raise ConfigError(f"tracking URI {shown!r} has control characters; allowed "
+                          f"{TRACKING_FORMS}")
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as e:
+        raise ConfigError(f"tracking URI {shown!r} is not a valid URI ({e}); allowed "
+                          f"{TRACKING_FORMS}") from None
     if parts.password or parts.username:
-        raise ConfigError(f"tracking URI {_redact(uri)!r} has credentials in it; set "
+        raise ConfigError(f"tracking URI {shown!r} has credentials in it; set "
                           "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
                           "MLFLOW_TRACKING_TOKEN) in the environment instead")
-    if parts.scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql",
-                            "databricks", ""):
-        raise ConfigError(f"tracking URI {uri!r}: scheme {parts.scheme!r} is not supported")
+    if parts.scheme and parts.scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking URI {uri!r}: scheme {parts.scheme!r} is not supported; "
+                          f"allowed {TRACKING_FORMS}")
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError(f"tracking URI {uri!r} has no host; allowed {TRACKING_FORMS}")
     return uri
 
 
@@ -166,7 +185,7 @@ class Tracker:
         tracker = cls(tracking_uri, run.info.run_id, pending)
         tracker.log_config(cfg)
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment,
-                 _redact(tracking_uri))
+                 redact_uri(tracking_uri))
         return tracker
 
     def reopen(self) -> None:
@@ -195,7 +214,7 @@ class Tracker:
         except OSError:
             return False
         log.warning("the MLflow tracking server at %s answers again after %.0f s",
-                    _redact(self.tracking_uri), now - self._down_since)
+                    redact_uri(self.tracking_uri), now - self._down_since)
         self._down_since, self._pending_checked = None, False
         return True
 
@@ -205,7 +224,7 @@ class Tracker:
                     f"(or with `mbpo sync`)" if self.pending is not None else
                     "metrics from now on are not recorded in MLflow")
             log.error("MLflow tracking failed (%s at %s): %s; training continues, and %s", what,
-                      _redact(self.tracking_uri), error, kept)
+                      redact_uri(self.tracking_uri), error, kept)
             self._reported = True
         self._down_since = self._last_probe = time.monotonic()
 
@@ -319,7 +338,7 @@ class Tracker:
         if self.down and self.pending is not None:
             log.error("the MLflow server at %s is still down: this run's remaining metrics and "
                       "its end are kept in %s; send them with `mbpo sync %s`",
-                      _redact(self.tracking_uri), self.pending.url,
+                      redact_uri(self.tracking_uri), self.pending.url,
                       self.pending.url.rsplit("/", 1)[0])
 
 
@@ -384,17 +403,10 @@ def curve_png(curve: list[list[float]], title: str) -> Any:
     return Image.open(buf).convert("RGB")
 
 
-def _redact(uri: str) -> str:
-    """A tracking URI without any user:password part, for logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
+def redact_uri(uri: str) -> str:
+    """``uri`` as it may be printed or logged: any user:password@ part masked (a regex, not a
+    URL parser, so that malformed URIs are masked too)."""
+    return re.sub(r"(//)[^/?#]*@", r"\1***@", uri)
 
 
 

@@ -80,13 +80,7 @@ def _tracking_uri(args: argparse.Namespace, local: bool) -> str:
     uri = args.tracking_uri or (default_tracking_uri() if local
                                 else os.environ.get("MLFLOW_TRACKING_URI", ""))
     if uri:
-        try:
-            check_tracking_uri(uri)
-        except ConfigError:
-            raise
-        except ValueError as e:  # urlsplit: e.g. a bad port or IPv6 address in $MLFLOW_TRACKING_URI
-            raise ConfigError(f"tracking URI {argtypes.safe(uri)!r} is not a valid URI ({e}); allowed "
-                              f"{argtypes.TRACKING_FORMS}") from None
+        check_tracking_uri(uri)
         if local:  # a cluster's tracking server need not be reachable from here
             _check_sqlite_folder(uri)
             check_reachable(uri)

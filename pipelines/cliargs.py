@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mbpo_core.config import ConfigError, MBPOConfig
+from mbpo_core.tracking import check_tracking_uri, redact_uri
 
 from .chain import RUN_NAME_RULE, check_run_name
 from .submit import TOKEN_ENV
@@ -59,11 +60,6 @@ threads = _int_in(1, MAX_THREADS)
 def _text_ok(value: str) -> bool:
     """No NUL, newline or other control characters (they break paths, keys, names and logs)."""
     return not any(unicodedata.category(c) == "Cc" for c in value)
-
-
-def safe(url: str) -> str:
-    """``url`` as it may be printed: any user:password@ part masked."""
-    return re.sub(r"(//)[^/?#]*@", r"\1***@", url)
 
 
 def _writable_folder_path(value: str, path: Path, what: str) -> None:
@@ -123,16 +119,16 @@ _STORE_FORMS = "a local folder, file:///path or s3://bucket/prefix"
 
 def store_url(value: str) -> str:
     if not value.strip() or not _text_ok(value):
-        raise argparse.ArgumentTypeError(f"{safe(value)!r}: allowed {_STORE_FORMS}")
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r}: allowed {_STORE_FORMS}")
     try:
         parts = urlsplit(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{safe(value)!r} is not a valid URL ({e}); allowed "
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r} is not a valid URL ({e}); allowed "
                                          f"{_STORE_FORMS}") from None
     if parts.scheme == "s3":
         if "@" in parts.netloc:
             raise argparse.ArgumentTypeError(
-                f"{safe(value)!r} has credentials in it; set AWS_ACCESS_KEY_ID / "
+                f"{redact_uri(value)!r} has credentials in it; set AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY in the environment instead")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", parts.netloc):
             raise argparse.ArgumentTypeError(f"{value!r}: an s3:// URL needs a bucket name "
@@ -140,7 +136,7 @@ def store_url(value: str) -> str:
                                              "s3://my-bucket/mbpo")
         return value
     if parts.scheme not in ("", "file"):
-        raise argparse.ArgumentTypeError(f"{safe(value)!r}: scheme {parts.scheme!r} is not "
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r}: scheme {parts.scheme!r} is not "
                                          f"supported; allowed {_STORE_FORMS}")
     path = parts.path if parts.scheme == "file" else value
     if not path:
@@ -157,7 +153,7 @@ def run_ref(value: str) -> str:
     except ValueError:
         scheme = None
     if scheme not in ("", "file", "s3"):
-        raise argparse.ArgumentTypeError(f"{safe(value)!r}: allowed {allowed}")
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r}: allowed {allowed}")
     return value
 
 
@@ -168,32 +164,13 @@ def run_name(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: allowed {RUN_NAME_RULE}") from None
 
 
-_TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "databricks")
-TRACKING_FORMS = ("http(s)://HOST[:PORT], sqlite:///FILE, file:///DIR, postgresql://, mysql://, "
-                   "databricks or a local folder")
-
-
 def tracking_uri(value: str) -> str:
     if not value:
         return value  # '' = the default, as if not given
-    if not _text_ok(value):
-        raise argparse.ArgumentTypeError(f"{safe(value)!r}: allowed {TRACKING_FORMS}")
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 (raises ValueError for a bad port)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{safe(value)!r} is not a valid URI ({e}); allowed "
-                                         f"{TRACKING_FORMS}") from None
-    if parts.username or parts.password:
-        raise argparse.ArgumentTypeError(
-            f"{safe(value)!r} has credentials in it; set MLFLOW_TRACKING_USERNAME / "
-            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
-    if parts.scheme and parts.scheme not in _TRACKING_SCHEMES:
-        raise argparse.ArgumentTypeError(f"{value!r}: scheme {parts.scheme!r} is not supported; "
-                                         f"allowed {TRACKING_FORMS}")
-    if parts.scheme in ("http", "https") and not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{value!r} has no host; allowed {TRACKING_FORMS}")
-    return value
+        return check_tracking_uri(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("tracking URI ")) from None
 
 
 def experiment_name(value: str) -> str:
@@ -240,9 +217,9 @@ def kfp_host(value: str) -> str:
         parts = None
     if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
             or not _text_ok(value) or any(c.isspace() for c in value)):
-        raise argparse.ArgumentTypeError(f"{safe(value)!r}: allowed {allowed}")
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r}: allowed {allowed}")
     if parts.username or parts.password:
-        raise argparse.ArgumentTypeError(f"{safe(value)!r} has credentials in it; set "
+        raise argparse.ArgumentTypeError(f"{redact_uri(value)!r} has credentials in it; set "
                                          f"${TOKEN_ENV} in the environment instead")
     return value
 
