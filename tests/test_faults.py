@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,9 +103,11 @@ def test_mlflow_server_lost_mid_run_training_goes_on_and_loses_no_metrics(tmp_pa
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "--env", ENV, "--total-steps",
            "1500", "--out", str(out), "--no-progress", "--stack", str(directory),
            "--experiment", "faults", "--set", *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONPATH": os.getcwd(),
-                                              "MBPO_TRACKING_RETRY_S": "1"})
+    log_file = tmp_path / "train.log"
+    with log_file.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                env=os.environ | {"PYTHONPATH": os.getcwd(),
+                                                  "MBPO_TRACKING_RETRY_S": "1"})
     client = MlflowClient(info.mlflow_uri)
 
     def logging_started() -> bool:
@@ -118,28 +121,38 @@ def test_mlflow_server_lost_mid_run_training_goes_on_and_loses_no_metrics(tmp_pa
     run_id = client.search_runs([client.get_experiment_by_name("faults").experiment_id])[0] \
         .info.run_id
     os.killpg(info.mlflow_pid, signal.SIGKILL)  # the tracking server dies mid-run ...
-    time.sleep(3)
-    info = stack.restart_mlflow(directory)      # ... and comes back while training goes on
-    _, err = proc.communicate(timeout=600)
+    pending = out / "tracking-pending"
+    _wait(lambda: any(pending.glob("*.jsonl")), "metrics kept while MLflow is down", proc)
+    # ... and comes back while training goes on. The trainer is paused while the server starts,
+    # so that rounds remain to find it back however slow the start is on a loaded machine (the
+    # case of a run ending while the server is still down is the next test's).
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        info = stack.restart_mlflow(directory)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    proc.wait(timeout=600)
+    err = log_file.read_text()
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["env_steps"] == 1500 and len(summary["curve"]) == 29
     assert err.count("MLflow tracking failed") == 1, "the loss is reported once, clearly"
-    assert "answers again" in err and "sent" in err, err[-2000:]
+    assert "tracking server at" in err and "answers again after" in err, err[-3000:]
+    assert re.search(r"sent [1-9]\d* tracking records kept while MLflow was down", err), \
+        err[-3000:]
     # nothing lost: every round's metrics reached MLflow, the kept ones sent after the restart
-    assert _history(client, run_id) == [(int(s), m) for s, m, _ in summary["curve"]]
+    assert _history(client, run_id) == [(int(s), m) for s, m, _ in summary["curve"]], err[-3000:]
     assert len(_history(client, run_id, "sac/critic_loss")) == 29
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert not list((out / "tracking-pending").glob("*.jsonl"))
+    assert not list(pending.glob("*.jsonl"))
 
 
 def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sync(
         monkeypatch, capsys, caplog, live_stack):
     """The pipeline path: each step is its own process, so what one step could not send is kept
     in the run's S3 store, and a later step (or `mbpo sync` after the run) sends it."""
-    from mlflow.tracking import MlflowClient
-
     import torch
+    from mlflow.tracking import MlflowClient
 
     from mbpo_core.config import make_config
     from mbpo_core.sac import Actor
