@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .s3server import S3Server, free_port
+from .s3server import STOP_GRACE_S, S3Server, free_port
 
 STORE_BUCKET = "mbpo"            # replay shards and run records: s3://mbpo/store
 ARTIFACT_BUCKET = "mlflow"       # MLflow artifacts (models, plots), written by the server
@@ -147,12 +147,12 @@ def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
     return info
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int, grace_s: float = 10.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + grace_s
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if _alive(pid):
@@ -164,8 +164,8 @@ def down(directory: str | os.PathLike[str]) -> bool:
     info = load(directory)
     if info is None:
         return False
-    for pid in (info.mlflow_pid, info.s3_pid):
-        _stop(pid)
+    _stop(info.mlflow_pid)
+    _stop(info.s3_pid, grace_s=STOP_GRACE_S)
     _state_file(Path(directory)).unlink()
     return True
 

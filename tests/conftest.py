@@ -55,3 +55,25 @@ def s3_env(s3_server, monkeypatch):
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def mbpo_stack(tmp_path_factory):
+    """One `mbpo stack` (SeaweedFS + mlflow server) shared by the tracking and fault tests."""
+    from pipelines import stack
+
+    directory = tmp_path_factory.mktemp("stack")
+    stack.up(directory)
+    yield directory
+    stack.down(directory)
+
+
+@pytest.fixture
+def live_stack(mbpo_stack):
+    """The shared stack with its MLflow server running (a fault test may have killed it):
+    ``(directory, StackInfo)``."""
+    from pipelines import stack
+
+    if not stack.status(mbpo_stack)["mlflow"]:
+        stack.restart_mlflow(mbpo_stack)
+    return mbpo_stack, stack.load(mbpo_stack)

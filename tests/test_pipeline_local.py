@@ -45,24 +45,25 @@ def _final_real_manifest(run_url: str) -> ShardManifest:
 
 
 def test_pipeline_on_s3_equals_in_process_training(tmp_path, s3_env):
-    """Three rounds as a chain of two pipeline runs (2 + 1 rounds), replay data on SeaweedFS, every
-    step in its own cold process as in a cluster pod."""
+    """Two rounds as a chain of two pipeline runs (1 + 1 rounds), replay data on SeaweedFS, every
+    step in its own cold process as in a cluster pod (longer chains run on warm workers in the
+    resume and divergence tests: the results are the same either way)."""
     out = tmp_path / "pipeline"
     store_url = f"s3://{s3_env}/mbpo"
-    rc = main(["run", "--env", ENV, "--total-steps", "200", "--seed", "1", "--out", str(out),
-               "--store", store_url, "--run-name", "eq", "--rounds-per-run", "2", "--no-warm-workers",
+    rc = main(["run", "--env", ENV, "--total-steps", "150", "--seed", "1", "--out", str(out),
+               "--store", store_url, "--run-name", "eq", "--rounds-per-run", "1", "--no-warm-workers",
                "--set", *TINY])
     assert rc == 0
-    _assert_same_run(out, _train(tmp_path, 200, 1))
+    _assert_same_run(out, _train(tmp_path, 150, 1))
 
     run_url = f"{store_url}/runs/eq"
     manifest = _final_real_manifest(run_url)
-    assert [s.rows for s in manifest.shards] == [100, 50, 50]
+    assert [s.rows for s in manifest.shards] == [100, 50]
     assert all(s.uri.startswith(f"{run_url}/real/") for s in manifest.shards)
     # each round wrote its rows once: the bucket holds exactly the manifest's shards
     stored = open_store(run_url).list("real/")
     assert sorted(f"{run_url}/{k}" for k in stored) == sorted(s.uri for s in manifest.shards)
-    assert RunStore(run_url).complete_rounds() == [0, 1, 2]
+    assert RunStore(run_url).complete_rounds() == [0, 1]
     assert open_store(run_url).exists("policy.pt")
     # the first pipeline run's artifacts were pruned once the second had taken over
     assert len([p for p in (out / "kfp-root").iterdir() if not p.name.startswith(".")]) == 1

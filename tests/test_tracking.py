@@ -19,18 +19,10 @@ ENV = "InvertedPendulum-v5"
 STEP_NAMES = ("collect", "fit_ensemble", "imagine", "update_sac", "evaluate")
 
 
-@pytest.fixture(scope="module")
-def local_stack(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("stack")
-    info = stack.up(directory)
-    yield directory, info
-    stack.down(directory)
-
-
 @pytest.fixture
-def stack_env(local_stack, monkeypatch):
+def stack_env(live_stack, monkeypatch):
     """Tests read back with plain clients; the CLI itself is pointed at the stack by --stack."""
-    directory, info = local_stack
+    directory, info = live_stack
     for key in info.env():  # set-then-delete so that monkeypatch restores them afterwards
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
@@ -38,7 +30,7 @@ def stack_env(local_stack, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tracked(local_stack):
+def tracked(mbpo_stack):
     """Filled by the pipeline test: the MLflow run it produced, for the UI test."""
     return {}
 
@@ -93,7 +85,8 @@ def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_
     assert any(k.endswith("data/model.pt2") for k in keys)
 
     # the registered model loads back (no pickle: torch.export format) and acts like policy.pt
-    version = client.search_model_versions(f"name = 'mbpo-{ENV}'")[0]
+    [version] = [v for v in client.search_model_versions(f"name = 'mbpo-{ENV}'")
+                 if v.run_id == run.info.run_id]  # the session's stack may hold other versions
     mlflow.set_tracking_uri(info.mlflow_uri)
     model = mlflow.pyfunc.load_model(f"models:/mbpo-{ENV}/{version.version}")
     obs = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
