@@ -298,10 +298,10 @@ def log_final_policy(tracker: Any, cfg: MBPOConfig, actor: Actor, registered_mod
     low, high = (torch.as_tensor(b, dtype=torch.float32) for b in
                  (env.action_space.low, env.action_space.high))
     env.close()
-    uri = tracker.log_policy(actor, ENV_SPECS[cfg.env].obs_dim, low, high,
-                             registered_model or None)
-    log.info("logged the policy to MLflow as %s%s", uri,
-             f", registered as {registered_model!r}" if registered_model else "")
+    uri = tracker.log_policy(actor, low, high, registered_model or None)
+    if uri is not None:
+        log.info("logged the policy to MLflow as %s%s", uri,
+                 f", registered as {registered_model!r}" if registered_model else "")
     import tempfile
 
     from mbpo_core.video import record_episode

@@ -27,6 +27,8 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
                  generator: torch.Generator) -> None:
         super().__init__()
+        # the constructor's sizes: enough to rebuild it around a saved state dict
+        self.arch = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden": hidden, "layers": layers}
         self.net = BatchedMLP(1, obs_dim, 2 * act_dim, hidden, layers, nn.ReLU)
         for layer in self.net.layers:
             layer.reset_uniform(generator)

@@ -7,11 +7,11 @@ every later step logs into it. Where KFP's MLflow integration already gives a pr
 ``MLFLOW_RUN_ID``, ``mbpo train`` logs into that run instead of creating one.
 
 Tracking is best effort: if the tracking server cannot be reached, training goes on. The failure
-is logged once, loudly; metrics and the run's end are kept in a *pending* folder (a local folder,
-or the run's object store, so that every step process of a pipeline shares it) and sent as soon
-as the server answers again, checked at most every ``MBPO_TRACKING_RETRY_S`` seconds (default 30)
-with a quick /health probe, never with minutes of client retries. What is still pending when
-training ends is sent later with ``mbpo sync``.
+is logged once, loudly; metrics, the final policy and the run's end are kept in a *pending*
+folder (a local folder, or the run's object store, so that every step process of a pipeline
+shares it) and sent as soon as the server answers again, checked at most every
+``MBPO_TRACKING_RETRY_S`` seconds (default 30) with a quick /health probe, never with minutes of
+client retries. What is still pending when training ends is sent later with ``mbpo sync``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from . import __version__
 from .config import MBPOConfig
 from .storage import ObjectStore
+
+if TYPE_CHECKING:
+    from .sac import Actor
 
 log = logging.getLogger(__name__)
 
@@ -255,22 +258,24 @@ class Tracker:
         keys = self.pending.list()
         if keys:  # an earlier step found the server down: a quick probe, not the client's retries
             _probe(self.tracking_uri, timeout_s=2.0)
-        sent = send_pending(self.pending, self.client, self.run_id, keys=keys)
+        sent = send_pending(self.pending, self.client, self.run_id, self.tracking_uri, keys=keys)
         self._pending_checked = True
         if sent:
             log.info("sent %d tracking records kept while MLflow was down", sent)
         return sent
 
-    def _record(self, record: dict[str, Any], what: str, send: Callable[[], Any]) -> None:
-        """Send ``record`` (pending ones first), or keep it for later."""
+    def _record(self, record: Callable[[], dict[str, Any]], what: str,
+                send: Callable[[], Any]) -> Any:
+        """Send (pending records first) and return what ``send`` returns; or keep ``record()``
+        for later and return None."""
         if self._available():
             try:
                 self._send_pending()
-                send()
-                return
+                return send()
             except Exception as e:
                 self._fail(what, e)
-        self._keep([record | {"run_id": self.run_id, "uri": self.tracking_uri}])
+        self._keep([record() | {"run_id": self.run_id, "uri": self.tracking_uri}])
+        return None
 
     def log_config(self, cfg: MBPOConfig) -> None:
         from mlflow.entities import Param
@@ -292,8 +297,8 @@ class Tracker:
         finite = {k: float(v) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and math.isfinite(v)}
         batch = [Metric(k, v, now, step) for k, v in finite.items()]
-        self._record({"step": int(step), "timestamp": now, "metrics": finite}, "log metrics",
-                     lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self._record(lambda: {"step": int(step), "timestamp": now, "metrics": finite},
+                     "log metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_curve(self, curve: list[list[float]], title: str) -> None:
         """The learning curve as learning_curve.png (replaced every round)."""
@@ -302,30 +307,31 @@ class Tracker:
         self._guard("log the learning curve", lambda: self.client.log_image(
             self.run_id, curve_png(curve, title), artifact_file="learning_curve.png"))
 
-    def log_policy(self, actor: nn.Module, obs_dim: int, low: torch.Tensor, high: torch.Tensor,
+    def log_policy(self, actor: Actor, low: torch.Tensor, high: torch.Tensor,
                    registered_name: str | None) -> str | None:
-        """The deterministic policy as an MLflow model (torch.export format: loading it runs no
-        pickle), with signature and input example; registered under ``registered_name``."""
-        import mlflow
-        import numpy as np
-
-        policy = DeterministicPolicy(actor, low, high).eval()
-        # batch of 2: torch.export keeps a size-1 dimension static, and the batch must not be
-        example = np.zeros((2, obs_dim), dtype=np.float32)
-
-        def log_model() -> str:
-            mlflow.set_tracking_uri(self.tracking_uri)
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pytorch.log_model(
-                    policy, name="policy", input_example=example, serialization_format="pt2",
-                    registered_model_name=registered_name or None,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            return info.model_uri
-        if self.down and not self._available():
-            log.error("MLflow is down: the final policy is not logged there (it is in the run's "
-                      "outputs: policy.pt)")
-            return None
-        return self._guard("log the policy model", log_model)
+        """The deterministic policy as an MLflow model (see :func:`_log_policy_model`); while the
+        server is down, its weights are kept with the pending records and it is logged when they
+        are sent. Returns the model URI if it was logged now."""
+        def keep() -> dict[str, Any]:
+            lost = "MLflow is down: the final policy is not logged there (it is in the run's " \
+                   "outputs: policy.pt)"
+            if self.pending is None:
+                log.error(lost)
+                return {}
+            key = f"{time.time_ns():020d}-{os.getpid()}-policy.pt"
+            buf = io.BytesIO()
+            torch.save(actor.state_dict(), buf)
+            try:
+                self.pending.put(key, buf.getvalue())
+            except Exception as e:  # the store failing too must not stop the run's end either
+                log.error("%s; keeping it in %s failed: %s", lost, self.pending.url, e)
+                return {}
+            log.error("MLflow is down: the final policy is not logged there yet; it is kept in "
+                      "%s and logged when the pending records are sent", self.pending.url)
+            return {"policy": {"state": key, "arch": actor.arch, "low": low.tolist(),
+                               "high": high.tolist(), "registered_name": registered_name}}
+        return self._record(keep, "log the policy model", lambda: _log_policy_model(
+            self.tracking_uri, self.run_id, actor, low, high, registered_name))
 
     def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self._guard(f"log {Path(path).name}",
@@ -333,13 +339,40 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run; while the server is down the end is kept with the pending metrics."""
-        self._record({"status": status}, "end the run",
+        self._record(lambda: {"status": status}, "end the run",
                      lambda: self.client.set_terminated(self.run_id, status))
         if self.down and self.pending is not None:
             log.error("the MLflow server at %s is still down: this run's remaining metrics and "
                       "its end are kept in %s; send them with `mbpo sync %s`",
                       redact_uri(self.tracking_uri), self.pending.url,
                       self.pending.url.rsplit("/", 1)[0])
+
+
+def _log_policy_model(tracking_uri: str, run_id: str, actor: Actor, low: torch.Tensor,
+                      high: torch.Tensor, registered_name: str | None) -> str:
+    """Log the deterministic policy in torch.export format (loading it runs no pickle), with
+    signature and input example, registered under ``registered_name``; returns its model URI."""
+    import mlflow
+    import numpy as np
+
+    policy = DeterministicPolicy(actor, low, high).eval()
+    # batch of 2: torch.export keeps a size-1 dimension static, and the batch must not be
+    example = np.zeros((2, actor.arch["obs_dim"]), dtype=np.float32)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            policy, name="policy", input_example=example, serialization_format="pt2",
+            registered_model_name=registered_name or None,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return info.model_uri
+
+
+def _kept_actor(pending: ObjectStore, kept: dict[str, Any]) -> Actor:
+    from .sac import Actor
+
+    actor = Actor(**kept["arch"], generator=torch.Generator())
+    actor.load_state_dict(torch.load(io.BytesIO(pending.get(kept["state"])), weights_only=True))
+    return actor
 
 
 def send_pending(pending: ObjectStore, client: Any = None, run_id: str | None = None,
@@ -354,26 +387,33 @@ def send_pending(pending: ObjectStore, client: Any = None, run_id: str | None = 
     clients: dict[str, Any] = {}
     sent = 0
     for key in pending.list() if keys is None else keys:
-        if not key.endswith(".jsonl"):
+        if not key.endswith(".jsonl"):  # kept policy weights go with the record naming them
             continue
         records = [json.loads(line) for line in pending.get(key).decode().splitlines()
                    if line.strip()]
         if run_id is not None and any(r["run_id"] != run_id for r in records):
             continue
         for r in records:
-            c = client
-            if c is None:
-                uri = tracking_uri or r["uri"]
-                if uri not in clients:
-                    clients[uri] = MlflowClient(uri)
-                c = clients[uri]
+            uri = tracking_uri or r["uri"]
+            if client is None and uri not in clients:
+                clients[uri] = MlflowClient(uri)
+            c = client or clients[uri]
             if "metrics" in r:
                 batch = [Metric(k, v, r["timestamp"], r["step"]) for k, v in r["metrics"].items()]
                 for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
                     c.log_batch(r["run_id"], metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+            if "policy" in r:
+                p = r["policy"]
+                model_uri = _log_policy_model(uri, r["run_id"], _kept_actor(pending, p),
+                                              torch.tensor(p["low"]), torch.tensor(p["high"]),
+                                              p["registered_name"])
+                log.info("logged the kept policy to MLflow as %s", model_uri)
             if "status" in r:
                 c.set_terminated(r["run_id"], r["status"])
-        pending.delete(key)
+        pending.delete(key)  # the record first: a kept policy is never deleted before it is sent
+        for r in records:
+            if "policy" in r:
+                pending.delete(r["policy"]["state"])
         sent += len(records)
     return sent
 

@@ -135,6 +135,8 @@ def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sy
         monkeypatch, capsys, caplog, live_stack):
     """The pipeline path: each step is its own process, so what one step could not send is kept
     in the run's S3 store, and a later step (or `mbpo sync` after the run) sends it."""
+    import mlflow
+    import numpy as np
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -174,19 +176,28 @@ def test_metrics_kept_in_the_run_store_reach_mlflow_from_a_later_step_or_mbpo_sy
     caplog.clear()
     last = Tracker(dead, first.run_id, pending=pending, retry_s=60)
     last.log_metrics({"eval/return_mean": 5.0, "sac/alpha": 0.1}, 300)
-    actor = Actor(4, 1, 32, 2, torch.Generator())
-    assert last.log_policy(actor, 4, -torch.ones(1), torch.ones(1), "kept-policy") is None
-    assert "the final policy is not logged there" in caplog.text
+    actor = Actor(4, 1, 32, 2, torch.Generator().manual_seed(7))
+    assert last.log_policy(actor, -2 * torch.ones(1), 2 * torch.ones(1), "kept-policy") is None
+    assert "the final policy is not logged there yet; it is kept in" in caplog.text
     last.finish()
     assert f"send them with `mbpo sync {run_url}`" in caplog.text
     assert client.get_run(first.run_id).info.status == "RUNNING"
+    assert sum(k.endswith("-policy.pt") for k in pending.list()) == 1  # its weights, kept
     # ... and `mbpo sync` sends the rest, to the server given (the records name the dead one)
     assert main(["sync", run_url, "--tracking-uri", info.mlflow_uri]) == 0
-    assert "sent 2 tracking records" in capsys.readouterr().out
+    assert "sent 3 tracking records" in capsys.readouterr().out  # metrics, policy, run end
     assert _history(client, first.run_id)[-1] == (300, 5.0)
     assert len(_history(client, first.run_id, "sac/alpha")) == 4
     assert client.get_run(first.run_id).info.status == "FINISHED"
     assert pending.list() == []
+    # the kept policy is logged and registered, and acts like the actor it was kept from
+    [version] = client.search_model_versions("name = 'kept-policy'")
+    assert version.run_id == first.run_id
+    mlflow.set_tracking_uri(info.mlflow_uri)
+    model = mlflow.pyfunc.load_model(f"models:/kept-policy/{version.version}")
+    obs = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    expected = 2.0 * torch.tanh(actor.dist_params(torch.from_numpy(obs))[0]).detach().numpy()
+    assert np.allclose(np.asarray(model.predict(obs)), expected, atol=1e-5)
     assert main(["sync", run_url]) == 0              # nothing left: a no-op
     assert "nothing pending" in capsys.readouterr().out
 
