@@ -13,13 +13,15 @@ IMAGE   ?= ghcr.io/mbpo-project/mbpo
 
 .PHONY: setup run train test bench lint clean image image-cuda lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml docker/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of torch first: any other spec pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# The image's lock as constraints: the tests run against exactly what the image installs,
+	# not whatever the registry released since (`make lock` re-pins after an upgrade).
+	$(PY) -m pip install --quiet -e '.[dev]' -c docker/requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -54,7 +56,8 @@ image-cuda:
 	docker build -f docker/Dockerfile --build-arg TORCH_SPEC=torch==2.13.0 \
 		--build-arg TORCH_INDEX=https://pypi.org/simple -t $(IMAGE):$(VERSION)-cuda .
 
-# Re-pin docker/requirements.txt to this environment's runtime dependencies.
+# Re-pin docker/requirements.txt to this environment's runtime dependencies (after, say,
+# `.venv/bin/pip install -U PACKAGE`; `make setup` installs the pins, so they move only here).
 lock: setup
 	$(PY) scripts/lock-requirements.py
 
