@@ -58,6 +58,33 @@ def _launch(cmd: list[str], data: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+def process_alive(pid: int) -> bool:
+    try:  # an exited child of this process stays a zombie (and "alive" to kill 0) until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_process_group(pid: int, grace_s: float) -> None:
+    """SIGTERM the session ``pid`` leads (servers here start in their own), SIGKILL after
+    ``grace_s``; works for children of this process and for PIDs recorded by an earlier one."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
 # weed's SIGTERM handler never finishes here: the filer's graceful gRPC stop waits on the S3
 # gateway's own metadata subscription. Acknowledged writes are in the volume and leveldb files
 # already (a killed process loses no page cache), so it is killed after this grace.
@@ -156,9 +183,5 @@ class S3Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            stop_process_group(self.process.pid, STOP_GRACE_S)
+            self.process.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +19,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .s3server import STOP_GRACE_S, S3Server, free_port
+from .s3server import STOP_GRACE_S, S3Server, free_port, process_alive, stop_process_group
 
 STORE_BUCKET = "mbpo"            # replay shards and run records: s3://mbpo/store
 ARTIFACT_BUCKET = "mlflow"       # MLflow artifacts (models, plots), written by the server
+MLFLOW_STOP_GRACE_S = 10.0       # time for the server to finish requests in flight
 
 
 class StackError(RuntimeError):
@@ -49,19 +49,6 @@ class StackInfo:
 
 def _state_file(directory: Path) -> Path:
     return directory / "stack.json"
-
-
-def _alive(pid: int) -> bool:
-    try:  # an exited child of this process stays a zombie (and "alive" to kill 0) until reaped
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:  # not our child: its parent reaps it
-        pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def load(directory: str | os.PathLike[str]) -> StackInfo | None:
@@ -103,7 +90,7 @@ def start_mlflow(directory: Path, s3_endpoint: str, access_key: str, secret_key:
     try:
         _wait_http(f"{uri}/health", proc, timeout_s, log)
     except StackError:
-        _stop(proc.pid)
+        stop_process_group(proc.pid, MLFLOW_STOP_GRACE_S)
         raise
     return uri, proc
 
@@ -111,7 +98,7 @@ def start_mlflow(directory: Path, s3_endpoint: str, access_key: str, secret_key:
 def up(directory: str | os.PathLike[str]) -> StackInfo:
     directory = Path(directory).resolve()
     existing = load(directory)
-    if existing and _alive(existing.s3_pid) and _alive(existing.mlflow_pid):
+    if existing and process_alive(existing.s3_pid) and process_alive(existing.mlflow_pid):
         return existing
     directory.mkdir(parents=True, exist_ok=True)
     s3 = S3Server.start(directory / "s3", access_key=f"mbpo-{secrets.token_hex(4)}",
@@ -137,8 +124,8 @@ def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
     info = load(directory)
     if info is None:
         raise StackError(f"no stack recorded in {directory}")
-    if _alive(info.mlflow_pid):
-        _stop(info.mlflow_pid)
+    if process_alive(info.mlflow_pid):
+        stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
     port = int(info.mlflow_uri.rsplit(":", 1)[1])
     _, proc = start_mlflow(Path(info.dir), info.s3_endpoint, info.access_key, info.secret_key,
                            port=port)
@@ -147,25 +134,13 @@ def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
     return info
 
 
-def _stop(pid: int, grace_s: float = 10.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def down(directory: str | os.PathLike[str]) -> bool:
     """Stop what ``up`` started in ``directory``; False if nothing was recorded there."""
     info = load(directory)
     if info is None:
         return False
-    _stop(info.mlflow_pid)
-    _stop(info.s3_pid, grace_s=STOP_GRACE_S)
+    stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
+    stop_process_group(info.s3_pid, STOP_GRACE_S)
     _state_file(Path(directory)).unlink()
     return True
 
@@ -180,4 +155,4 @@ def status(directory: str | os.PathLike[str]) -> dict[str, bool] | None:
             mlflow_ok = r.status == 200
     except OSError:
         pass
-    return {"s3": _alive(info.s3_pid), "mlflow": mlflow_ok}
+    return {"s3": process_alive(info.s3_pid), "mlflow": mlflow_ok}
