@@ -1,9 +1,11 @@
 """Speed benchmark: SAC updates/s, ensemble fit time, rollout throughput, s per 1,000 env steps.
 
-    OMP_NUM_THREADS=2 python benchmarks/speed.py [--threads 2] [--device cpu] [--quick]
+    OMP_NUM_THREADS=2 python benchmarks/speed.py [--threads 2] [--device cpu|cuda[:N]] [--quick]
 
 Figures are medians over repeats; GFLOP/s counts the matmul FLOPs of the algorithm (what any
-implementation of the same math must do), to compare against the machine's matmul peak.
+implementation of the same math must do), to compare against the machine's matmul peak. With
+``--device cuda`` every timed part ends with ``torch.cuda.synchronize()``, so queued GPU work is
+counted (scripts/gpu-check.sh runs it that way).
 Run nothing else meanwhile: two benchmarks on two cores measure each other.
 """
 
@@ -41,6 +43,12 @@ MBRL_LIB_HOPPER = ["sac.updates_per_step=40", "sac.hidden_size=512",
                    "ensemble.weight_decay=[1e-5, 1e-5, 1e-5, 1e-5, 1e-5]"]
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work before reading the clock (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def mlp_macs(sizes: list[int]) -> int:
     return sum(a * b for a, b in zip(sizes, sizes[1:]))
 
@@ -73,12 +81,12 @@ def bench_sac(env: str, hidden: int, device: str, seconds: float, repeats: int) 
     update_sac(cfg, agent, real, model, 20)  # warm-up
     rates = []
     for _ in range(repeats):
+        sync(device)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             update_sac(cfg, agent, real, model, 25)
             n += 25
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         rates.append(n / (time.perf_counter() - start))
     rate = statistics.median(rates)
     flops = sac_update_flops(spec.obs_dim, spec.act_dim, hidden, cfg.sac.num_hidden_layers,
@@ -98,8 +106,10 @@ def bench_fit(real: ReplayBuffer, device: str) -> tuple[dict, dict]:
     """One fit from scratch (the slowest case: later fits warm-start and stop in few epochs)."""
     cfg = make_config("Hopper-v5")
     dyn = Dynamics(cfg, device)
+    sync(device)
     start = time.perf_counter()
     res = fit_ensemble(dyn, real)
+    sync(device)
     seconds = time.perf_counter() - start
     n_train = len(real) - min(int(len(real) * 0.2), 5000)
     gflops = res.epochs * ensemble_epoch_flops(cfg, 11, 3, n_train) / seconds / 1e9
@@ -114,8 +124,10 @@ def bench_rollout(real: ReplayBuffer, device: str, repeats: int) -> dict:
     imagine(cfg, dyn, agent.actor, real, 1, g)
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         res = imagine(cfg, dyn, agent.actor, real, 1, g)
+        sync(device)
         times.append(time.perf_counter() - start)
     return {"transitions_per_s": res.rows.shape[0] / statistics.median(times),
             "seconds": statistics.median(times)}
@@ -131,20 +143,25 @@ def bench_round(overrides: list[str], real: ReplayBuffer, fitted: dict, device: 
     dyn = Dynamics.from_state_dict(cfg, fitted, device)  # warm start (weights + Adam), as in a run
     model = ReplayBuffer(cfg.model_buffer_capacity(15), 11, 3, device)
     t = {}
+    sync(device)
     start = time.perf_counter()
     rows = collect(col, agent.actor, cfg.steps_per_round).rows
     t["collect"] = time.perf_counter() - start
     real.add_rows(rows.to(device))
+    sync(device)
     start = time.perf_counter()
     t["fit_ensemble_epochs"] = fit_ensemble(dyn, real).epochs
+    sync(device)
     t["fit_ensemble"] = time.perf_counter() - start
     start = time.perf_counter()
     model.add_rows(imagine(cfg, dyn, agent.actor, real, 15, g).rows)
+    sync(device)
     t["imagine"] = time.perf_counter() - start
     n_updates = cfg.sac.updates_per_step * cfg.steps_per_round
     scale = 1 if full else 10
     start = time.perf_counter()
     update_sac(cfg, agent, real, model, n_updates // scale)
+    sync(device)
     t["update_sac"] = (time.perf_counter() - start) * scale
     per_round = t["collect"] + t["fit_ensemble"] + t["imagine"] + t["update_sac"]
     rounds_per_1000 = 1000 / cfg.steps_per_round
@@ -155,7 +172,7 @@ def bench_round(overrides: list[str], real: ReplayBuffer, fitted: dict, device: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
     p.add_argument("--full-rounds", action="store_true",
                    help="run every SAC update of the 1,000-step rounds instead of 1/10 scaled")
@@ -163,6 +180,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["sac", "fit", "rollout", "round"],
                    choices=["sac", "fit", "rollout", "round"])
     args = p.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
     tune_allocator()
     torch.set_num_threads(args.threads)
     seconds, repeats = (3.0, 3) if args.quick else (10.0, 5)

@@ -22,7 +22,7 @@ from mbpo_core.config import ConfigError, MBPOConfig, make_config
 from mbpo_core.envs import ENV_SPECS
 from mbpo_core.runstore import RunStore
 from mbpo_core.runtime import tune_allocator
-from mbpo_core.sac import Actor
+from mbpo_core.sac import Actor, cpu_actor, host_actor
 from mbpo_core.shards import ShardCache, ShardManifest, write_shard
 from mbpo_core.state import load_state, save_state
 from mbpo_core.steps import (
@@ -172,7 +172,7 @@ def init_states(config: ArtifactLike, collector: ArtifactLike, dynamics: Artifac
     _save(Collector(cfg).state_dict(), collector)
     _save(Dynamics(cfg).state_dict(), dynamics)
     _save(fresh_agent.state_dict(), agent)
-    _save(fresh_agent.actor.state_dict(), policy)
+    _save(cpu_actor(fresh_agent.actor).state_dict(), policy)
     _save({"generator": make_generator(stream_seeds(cfg.seed)["rollout"]).get_state()}, rollout)
     ShardManifest(spec.obs_dim, spec.act_dim, cfg.real_buffer_size).save(real_manifest.path)
     ShardManifest(spec.obs_dim, spec.act_dim,
@@ -245,7 +245,7 @@ def update_sac_step(config: ArtifactLike, agent_in: ArtifactLike, real_manifest:
     model_data = _manifest(model_manifest).to_buffer(device, cache)
     stats = update_sac(cfg, agent, real, model_data, sac_updates_per_round(cfg))
     _save(agent.state_dict(), agent_out)
-    _save(agent.actor.state_dict(), policy_out)
+    _save(cpu_actor(agent.actor).state_dict(), policy_out)  # CPU tensors, whatever the device
     _finish(RunStore(run_url), "update_sac", round_index, env_steps, sac_metrics(stats), started,
             {"agent": agent_out, "policy": policy_out}, metrics)
 
@@ -291,8 +291,11 @@ def finalize(config: ArtifactLike, policy: ArtifactLike, run_url: str, round_ind
 
 
 def log_final_policy(tracker: Any, cfg: MBPOConfig, actor: Actor, registered_model: str) -> None:
-    """The policy as an MLflow model with the env's action bounds, registered by name."""
+    """The policy as an MLflow model with the env's action bounds, registered by name, and its
+    evaluation video: both from one CPU copy of ``actor`` (which may be a live CUDA actor)."""
     from mbpo_core.envs import make_env
+
+    actor = host_actor(actor)
 
     env = make_env(cfg.env, 0, cfg.max_episode_steps)
     low, high = (torch.as_tensor(b, dtype=torch.float32) for b in

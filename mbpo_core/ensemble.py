@@ -145,12 +145,15 @@ def fit(model: GaussianEnsemble, optimizer: torch.optim.Optimizer, inputs: torch
 
     best = torch.full((model.size,), math.inf)
     best_state = {k: v.clone() for k, v in model.net.state_dict().items()}
-    since_update, epoch, last_loss = 0, 0, float("nan")
+    since_update, epoch = 0, 0
+    n_batches = math.ceil(n_train / cfg.batch_size)
     while True:
         shuffle = torch.argsort(torch.rand(model.size, n_train, generator=generator,
                                            device=inputs.device), dim=1)
         idx = torch.gather(bootstrap, 1, shuffle)
-        running = torch.zeros(())
+        # summed where the losses are (a CPU accumulator cannot take a CUDA loss), read once
+        # after the last epoch: no host-device sync per minibatch or per epoch
+        running = torch.zeros((), device=train_x.device)
         for b in range(0, n_train, cfg.batch_size):
             batch = idx[:, b:b + cfg.batch_size]
             loss = ensemble_loss(model, train_x[batch], train_y[batch])
@@ -159,12 +162,11 @@ def fit(model: GaussianEnsemble, optimizer: torch.optim.Optimizer, inputs: torch
             optimizer.step()
             running += loss.detach()
         epoch += 1
-        last_loss = float(running) / math.ceil(n_train / cfg.batch_size)
         if n_hold == 0:  # no holdout: train for max_epochs (or one epoch) and keep everything
             if epoch >= max(cfg.max_epochs, 1):
                 break
             continue
-        mse = holdout_mse(model, hold_x, hold_y).cpu()
+        mse = holdout_mse(model, hold_x, hold_y).cpu()  # the one sync per epoch: early stopping
         improved = (best - mse) / best > cfg.improvement_threshold
         improved |= torch.isinf(best) & torch.isfinite(mse)
         if improved.any():
@@ -184,6 +186,7 @@ def fit(model: GaussianEnsemble, optimizer: torch.optim.Optimizer, inputs: torch
     else:
         mse = torch.full((model.size,), float("nan"))
     elite_mse = float(mse[model.elites.cpu()].mean())
+    last_loss = float(running) / n_batches
     log.debug("ensemble fit: %d epochs, loss %.4f, elite holdout mse %.5f", epoch, last_loss,
               elite_mse)
     return FitResult(epoch, last_loss, mse.tolist(), elite_mse)

@@ -85,7 +85,7 @@ def get_env_state(env: gym.Env) -> dict[str, Any]:
 
 def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
     base = env.unwrapped
-    physics = state["physics"].numpy().astype(np.float64, copy=True)
+    physics = state["physics"].cpu().numpy().astype(np.float64, copy=True)
     expected = mujoco.mj_stateSize(base.model, _MJ_STATE)
     if physics.shape != (expected,):
         raise ValueError(f"env state has {physics.shape[0]} physics values, this env needs {expected}")

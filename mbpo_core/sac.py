@@ -61,6 +61,27 @@ class Actor(nn.Module):
         return self.sample(obs, generator)[0]
 
 
+def cpu_actor(actor: Actor) -> Actor:
+    """A CPU copy of ``actor`` in eval mode, frozen, sharing no storage with it.
+
+    What is saved (policy.pt, a pipeline's policy artifact), logged, registered or rendered is
+    taken from such a copy, never from the live training actor: that one may be on a GPU (a
+    file with CUDA tensors does not load on a machine without CUDA, and a CPU observation fed to
+    it fails) and keeps changing while training goes on."""
+    copy = Actor(**actor.arch, generator=torch.Generator())
+    copy.load_state_dict(actor.state_dict())  # copy_ into the new CPU parameters, any device
+    return copy.eval().requires_grad_(False)
+
+
+def host_actor(actor: Actor) -> Actor:
+    """``actor`` itself if it already lives on the CPU and is frozen (a :func:`cpu_actor`
+    copy), else its CPU copy: for functions that only read and run a policy."""
+    if not actor.training and all(p.device.type == "cpu" and not p.requires_grad
+                                  for p in actor.parameters()):
+        return actor
+    return cpu_actor(actor)
+
+
 class TwinCritic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
                  generator: torch.Generator) -> None:

@@ -46,12 +46,13 @@ def generator_from_state(state: torch.Tensor, device: str | torch.device) -> tor
     """Restore a generator; a state saved on another device type (a CPU step handing over to a
     GPU step) cannot be restored, so it seeds a new stream derived from that state instead."""
     g = torch.Generator(device=device)
+    state = state.cpu()  # generator states are CPU byte tensors; a state loaded onto a GPU is not
     if state.numel() == g.get_state().numel():
         g.set_state(state)
     else:
         import hashlib
 
-        digest = hashlib.sha256(state.cpu().numpy().tobytes()).digest()
+        digest = hashlib.sha256(state.numpy().tobytes()).digest()
         g.manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
     return g
 
@@ -80,7 +81,7 @@ class Collector:
                         device: str | torch.device = "cpu") -> Collector:
         c = cls(cfg, device)
         set_env_state(c.env, state["env"])
-        c.obs = state["obs"].numpy().copy()
+        c.obs = state["obs"].cpu().numpy().copy()
         c.generator = generator_from_state(state["generator"], device)
         c.episode_return = float(state["episode_return"])
         c.episode_length = int(state["episode_length"])
@@ -228,8 +229,8 @@ def update_sac(cfg: MBPOConfig, agent: Agent, real: ReplayBuffer, model_data: Re
     """``n_updates`` SAC steps on mixed batches (``real_ratio`` real); mean stats over them."""
     if n_updates == 0:
         return {}
-    total = torch.zeros(5)
     sac, g = agent.sac, agent.generator
+    total = torch.zeros(5, device=sac.log_alpha.device)  # where the stats are: no sync per update
     for _ in range(n_updates):
         rows = mixed_batch(real, model_data, cfg.sac.batch_size, cfg.sac.real_ratio, g)
         b = real.split(rows)

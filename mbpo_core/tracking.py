@@ -311,7 +311,12 @@ class Tracker:
                    registered_name: str | None) -> str | None:
         """The deterministic policy as an MLflow model (see :func:`_log_policy_model`); while the
         server is down, its weights are kept with the pending records and it is logged when they
-        are sent. Returns the model URI if it was logged now."""
+        are sent. Returns the model URI if it was logged now. A non-CPU ``actor`` is logged
+        from its CPU copy (:func:`mbpo_core.sac.cpu_actor`)."""
+        from .sac import host_actor
+
+        actor = host_actor(actor)
+
         def keep() -> dict[str, Any]:
             lost = "MLflow is down: the final policy is not logged there (it is in the run's " \
                    "outputs: policy.pt)"
@@ -355,7 +360,11 @@ def _log_policy_model(tracking_uri: str, run_id: str, actor: Actor, low: torch.T
     import mlflow
     import numpy as np
 
-    policy = DeterministicPolicy(actor, low, high).eval()
+    from .sac import host_actor
+
+    # all on the CPU: the input example and the bounds are CPU tensors, and the logged weights
+    # must load on a machine without CUDA
+    policy = DeterministicPolicy(host_actor(actor), low.cpu(), high.cpu()).eval()
     # batch of 2: torch.export keeps a size-1 dimension static, and the batch must not be
     example = np.zeros((2, actor.arch["obs_dim"]), dtype=np.float32)
     mlflow.set_tracking_uri(tracking_uri)
@@ -371,7 +380,8 @@ def _kept_actor(pending: ObjectStore, kept: dict[str, Any]) -> Actor:
     from .sac import Actor
 
     actor = Actor(**kept["arch"], generator=torch.Generator())
-    actor.load_state_dict(torch.load(io.BytesIO(pending.get(kept["state"])), weights_only=True))
+    actor.load_state_dict(torch.load(io.BytesIO(pending.get(kept["state"])), map_location="cpu",
+                                     weights_only=True))
     return actor
 
 

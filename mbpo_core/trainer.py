@@ -8,6 +8,7 @@ boundary equals an unsplit one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from .buffer import ReplayBuffer
 from .config import MBPOConfig
 from .envs import ENV_SPECS
+from .sac import Actor, cpu_actor
 from .steps import (
     Agent,
     Collector,
@@ -125,6 +127,20 @@ class MBPOTrainer:
                 if sink is not None:
                     sink(metrics, self.env_steps)
         return self.curve
+
+    # -- the trained policy -------------------------------------------------------------------
+    def policy(self) -> Actor:
+        """A CPU copy of the actor in eval mode, sharing no storage with it: what is saved,
+        logged, registered or rendered at the end of a run, whatever device trained it."""
+        return cpu_actor(self.agent.actor)
+
+    def save_policy(self, path: str | os.PathLike[str]) -> Actor:
+        """Write ``path`` (policy.pt: the actor's state dict as CPU tensors, loadable with
+        ``torch.load(path, weights_only=True)`` on any machine) and return the CPU copy it was
+        taken from, so that the logged model and the video use the very same weights."""
+        policy = self.policy()
+        torch.save(policy.state_dict(), path)
+        return policy
 
     # -- exact state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

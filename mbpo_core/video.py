@@ -15,7 +15,7 @@ import torch
 
 from .config import MBPOConfig
 from .envs import ENV_SPECS, to_env_action
-from .sac import Actor
+from .sac import Actor, host_actor
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def record_episode(cfg: MBPOConfig, actor: Actor, path: str | os.PathLike[str], seed: int = 0,
                    max_steps: int = 400, every: int = 2, size: tuple[int, int] = (240, 180)
                    ) -> Path | None:
-    """Write a GIF of up to ``max_steps`` steps (every ``every``-th frame); None if no renderer."""
+    """Write a GIF of up to ``max_steps`` steps (every ``every``-th frame); None if no renderer.
+
+    The episode runs a CPU copy of ``actor`` (none is made if it is one already), so a policy
+    trained on a GPU renders the same way as one trained on the CPU."""
     import gymnasium as gym
     from PIL import Image
 
@@ -39,6 +42,7 @@ def record_episode(cfg: MBPOConfig, actor: Actor, path: str | os.PathLike[str], 
                     "set MUJOCO_GL=egl or osmesa on a machine with that library",
                     os.environ.get("MUJOCO_GL"), type(e).__name__, str(e).splitlines()[0][:200])
         return None
+    actor = host_actor(actor)
     for t in range(max_steps):
         a = actor.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=True)[0]
         obs, _, terminated, truncated, _ = env.step(to_env_action(env, a.numpy()))
