@@ -48,13 +48,15 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check mbpo_core components pipelines tests benchmarks scripts
 
-# The component image (docker/Dockerfile): CPU build, and the CUDA build of torch.
+# The component image (docker/Dockerfile), by scripts/build-image.sh: the official slim Python
+# base, or one made offline (scripts/make-base-image.sh) where it cannot be pulled; torch from
+# this machine's pip configuration (TORCH_INDEX=URL adds an index).
 image:
-	docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
+	PIP="$(PYTHON) -m pip" ./scripts/build-image.sh $(IMAGE):$(VERSION)
 
+# The CUDA build of torch, which the build's own pip fetches (TORCH_INDEX=URL adds an index).
 image-cuda:
-	docker build -f docker/Dockerfile --build-arg TORCH_SPEC=torch==2.13.0 \
-		--build-arg TORCH_INDEX=https://pypi.org/simple -t $(IMAGE):$(VERSION)-cuda .
+	HOST_WHEEL=0 PIP="$(PYTHON) -m pip" ./scripts/build-image.sh $(IMAGE):$(VERSION)-cuda torch==2.13.0
 
 # Re-pin docker/requirements.txt to this environment's runtime dependencies (after, say,
 # `.venv/bin/pip install -U PACKAGE`; `make setup` installs the pins, so they move only here).

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch's choice)")
     r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="kfp.local runner: subprocess (this Python; default) or docker (each "
-                        "step in a container of --image; needs a Docker engine and an s3:// store)")
+                        "step in a container of --image, on the host network; needs a Docker "
+                        "engine, and an MLflow server or --no-tracking)")
     r.add_argument("--image", type=argtypes.image_ref, default=DEFAULT_IMAGE,
                    help=f"component image for --runner docker (default {DEFAULT_IMAGE})")
     r.add_argument("--seeds", type=argtypes.seed, nargs="+", default=None, metavar="SEED",
@@ -449,11 +450,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             tracker.finish("FAILED")
         raise DivergenceError(f"{e}. {_last_good(checkpoint, args)}") from None
     wall = time.perf_counter() - start
-    torch.save(trainer.agent.actor.state_dict(), args.out / "policy.pt")
+    policy = trainer.save_policy(args.out / "policy.pt")  # a CPU copy, whatever the device
     if tracker is not None:
         from components.ops import log_final_policy
 
-        log_final_policy(tracker, cfg, trainer.agent.actor, _registered_model(args, cfg.env))
+        log_final_policy(tracker, cfg, policy, _registered_model(args, cfg.env))
         tracker.finish()
     if every:
         save_checkpoint()
@@ -582,7 +583,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.runner == "docker":
             from .local import check_docker
 
-            check_docker(run)
+            check_docker(run, args.image, args.out / "kfp-root", dry_run=True)
         return _print_plan(args, [run], out=str(args.out), rounds_per_run=args.rounds_per_run,
                            runner=args.runner)
     from .local import run_local

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from components import DEFAULT_IMAGE
 from mbpo_core.storage import read_uri
 
 from .chain import TrainingRun, next_run, summary
@@ -44,16 +45,14 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
 
     from components.worker import StepServer
 
-    if runner == "docker":
-        check_docker(run)
+    root = pipeline_root or out / "kfp-root"
+    docker = check_docker(run, image, root) if runner == "docker" else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_url": run.run_url}, indent=1))
     (out / "config.json").write_text(run.config.to_json())
-    root = pipeline_root or out / "kfp-root"
-    if runner == "docker":
+    if docker is not None:
         warm_workers = False  # steps run in containers of the image, not in forks of this Python
-        local.init(runner=local.DockerRunner(), pipeline_root=str(root.resolve()),
-                   raise_on_error=True)
+        local.init(runner=docker.runner(), pipeline_root=str(root.resolve()), raise_on_error=True)
     else:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    raise_on_error=True)
@@ -62,6 +61,10 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     with contextlib.ExitStack() as stack:
         if warm_workers:
             stack.enter_context(StepServer())
+        if docker is not None:
+            from .docker_runner import exit_status_kept
+
+            stack.enter_context(exit_status_kept())
         if not verbose:
             log.info("task logs: %s", log_path)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
@@ -130,22 +133,18 @@ def _prune(root: Path, run: TrainingRun) -> None:
             shutil.rmtree(pipeline_run, ignore_errors=True)
 
 
-def check_docker(run: TrainingRun) -> None:
-    """DockerRunner needs a reachable engine, and steps in containers cannot see this machine's
-    folders or loopback: fail now, clearly, rather than at the first task."""
+def check_docker(run: TrainingRun, image: str | None, pipeline_root: Path,
+                 dry_run: bool = False):  # -> DockerSetup
+    """Everything the containers need, checked before the first task (engine, image, package,
+    store and tracking server reachable, shared folders writable), as a PipelineRunError."""
+    from .docker_runner import DockerSetup, DockerSetupError
+
     try:
-        import docker
-    except ImportError:
-        raise PipelineRunError("--runner docker needs the Docker SDK for Python "
-                               "(pip install docker)") from None
-    try:
-        docker.from_env().ping()
-    except Exception as e:
-        raise PipelineRunError(f"--runner docker: no Docker engine is reachable ({e}); start "
-                               "the Docker daemon or use the default subprocess runner") from None
-    if not run.run_url.startswith("s3://"):
-        raise PipelineRunError("--runner docker needs an s3:// --store reachable from the "
-                               "containers (they cannot see this machine's folders)")
+        setup = DockerSetup(image or DEFAULT_IMAGE, run.run_url, run.tracking_uri, pipeline_root)
+        setup.check(dry_run=dry_run)
+    except DockerSetupError as e:
+        raise PipelineRunError(str(e)) from None
+    return setup
 
 
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Failed)): (.+)$")

@@ -77,3 +77,57 @@ def live_stack(mbpo_stack):
     if not stack.status(mbpo_stack)["mlflow"]:
         stack.restart_mlflow(mbpo_stack)
     return mbpo_stack, stack.load(mbpo_stack)
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A real Docker engine (tests/dockerd.py) for the session, as ``DOCKER_HOST``. Where none
+    can run, the tests that need it skip, saying why; ``MBPO_REQUIRE_DOCKER=1`` (set by
+    .ci/run) makes that a failure instead."""
+    from tests.dockerd import Dockerd, EngineUnavailable
+
+    try:
+        engine = Dockerd.start()
+    except EngineUnavailable as e:
+        if os.environ.get("MBPO_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"MBPO_REQUIRE_DOCKER=1 but {e}")
+        pytest.skip(f"no Docker engine: {e}")
+    old = os.environ.get("DOCKER_HOST")
+    if engine.host:
+        os.environ["DOCKER_HOST"] = engine.host
+    yield engine
+    if old is None:
+        os.environ.pop("DOCKER_HOST", None)
+    else:
+        os.environ["DOCKER_HOST"] = old
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def mbpo_image(docker_engine, tmp_path_factory):
+    """The component image, built from docker/Dockerfile by `make image`'s script (a warm layer
+    cache is reused); the build's log is kept as test-artifacts/image-build.log."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ref = "mbpo-test:latest"
+    log = root / "test-artifacts" / "image-build.log"
+    log.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        res = subprocess.run([str(root / "scripts" / "build-image.sh"), ref], cwd=root, stdout=f,
+                             stderr=subprocess.STDOUT, env=os.environ | {
+                                 "PIP": f"{sys.executable} -m pip"} | SECRETS_AT_BUILD)
+    text = log.read_text(errors="replace")
+    assert res.returncode == 0, text[-4000:]
+    print(f"\nimage {ref} built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return ref
+
+
+# Present in the environment of the image build, so that the image tests can show they are in
+# no layer, history entry or setting of it.
+SECRETS_AT_BUILD = {"AWS_SECRET_ACCESS_KEY": "build-env-secret-never-in-image",
+                    "MLFLOW_TRACKING_PASSWORD": "build-env-password-never-in-image"}

@@ -1,5 +1,6 @@
-"""The image and the cluster path, as far as this machine can check them (no Docker engine, no
-Kubernetes): Dockerfile lint, the pinned install, and the compiled pipeline's cluster settings."""
+"""The image's recipe and the cluster path without an engine or a cluster: Dockerfile lint, the
+pinned install, and the compiled pipeline's cluster settings (the image itself is built and run
+in tests/test_docker.py)."""
 
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def test_image_installs_exactly_the_pinned_runtime_dependencies():
     assert res.returncode == 0, res.stderr
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     installs = [line.strip() for line in dockerfile.splitlines() if "pip install" in line]
-    assert installs == ['RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"',
-                        "RUN pip install -r /tmp/requirements.txt",
-                        "RUN pip install --no-deps /src && pip check"]
+    assert installs == [
+        'RUN pip install --find-links /tmp/wheels -c /tmp/requirements.txt '
+        '${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "${TORCH_SPEC}"',
+        "RUN pip install -r /tmp/requirements.txt",
+        "RUN pip install --no-cache-dir --no-deps --no-build-isolation /src && rm -rf /src "
+        "&& pip check"]
     assert "ARG TORCH_SPEC=torch==2.13.0+cpu" in dockerfile
     pins = [line for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines()
             if line and not line.startswith("#")]
@@ -52,8 +56,18 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[1] == "*" or "*" in ignore  # deny by default, then allow the package only
     allowed = {line[1:] for line in ignore if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "docker/requirements.txt", "mbpo_core/",
-                       "components/", "pipelines/"}
+    assert allowed == {"pyproject.toml", "README.md", "docker/requirements.txt", "docker/wheels/",
+                       "mbpo_core/", "components/", "pipelines/"}
+
+
+def test_no_package_registry_address_in_the_build_files():
+    """Indexes come from pip's and apt's own configuration or an argument, never the repository."""
+    import re
+
+    for path in ["Makefile", "docker/Dockerfile", "scripts/build-image.sh",
+                 "scripts/make-base-image.sh"]:
+        text = (ROOT / path).read_text()
+        assert not re.search(r"https?://", text.replace("http://127.0.0.1", "")), path
 
 
 def _compiled(tmp_path, *extra):
