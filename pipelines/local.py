@@ -23,6 +23,7 @@ from mbpo_core.storage import read_uri
 
 from .chain import TrainingRun, next_run, summary
 from .pipeline import DEFAULT_ROUNDS_PER_RUN, build_pipeline
+from .submit import continue_chain
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bo
            image_kw: dict[str, str], log_path: Path | None) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
-        pipeline = build_pipeline(step.rounds, resume=step.resume, **image_kw)
+        pipeline = build_pipeline(step.rounds, resume=step.resume, chain_step=continue_chain,
+                                  **image_kw)
         try:
             with warnings.catch_warnings():
                 # the project image's name does not contain "python"; it does hold this package

@@ -76,30 +76,15 @@ def _rounds(c, rounds: int, config, states: dict, run_url, total_steps, device, 
     return fin
 
 
-def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, namespace: str,
-                   kfp_experiment: str, rounds_per_run: int, image: str, tracking_uri: str,
-                   mlflow_experiment: str, registered_model: str, gpu: bool) -> str:
-    """Submit the next pipeline run of this training run (chaining from inside the cluster)."""
-    from pipelines.chain import existing_run
-    from pipelines.submit import ClusterTarget, submit_next
-
-    run = existing_run(run_url, total_steps, device)
-    ckpt = run.store.checkpoint()
-    name = run_url.rstrip("/").rsplit("/", 1)[-1] + f"-from-r{ckpt.round + 1 if ckpt else 0}"
-    target = ClusterTarget(kfp_host or None, namespace or None, kfp_experiment, image,
-                           rounds_per_run, chain_in_cluster=True, gpu=gpu)
-    run.tracking_uri, run.mlflow_experiment = tracking_uri, mlflow_experiment
-    run.registered_model = registered_model
-    return submit_next(run, target, name) or ""
-
-
 def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE,
-                   cluster: ClusterSettings | None = None) -> Callable:
+                   cluster: ClusterSettings | None = None, *, chain_step: Callable) -> Callable:
     """A pipeline of ``rounds`` rounds; with ``resume`` it continues from imported states.
 
     ``cluster`` adds the Kubernetes settings (secrets, resources, retries, GPUs) that only a
     cluster uses. With ``chain_in_cluster=True`` at submission, its last task submits the next
-    pipeline run of the chain to the KFP API until ``total_steps``.
+    pipeline run of the chain to the KFP API until ``total_steps``: that task is ``chain_step``
+    (``pipelines.submit.continue_chain``), passed in so that this module never imports the one
+    that submits, which compiles this pipeline.
 
     Caching is off for every task: each step also writes shards, run records and MLflow entries,
     which a cache hit would silently skip, and its outputs depend on state artifacts that are new
@@ -107,7 +92,7 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
     if rounds < 1:
         raise ValueError(f"rounds = {rounds} must be >= 1")
     c = make_components(image)
-    chain_op = dsl.component(continue_chain, base_image=image, install_kfp_package=False)
+    chain_op = dsl.component(chain_step, base_image=image, install_kfp_package=False)
     gpu_device = "cuda" if cluster is not None and cluster.gpu else None
 
     def setup(task):
@@ -190,10 +175,11 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
 
 
 def compile_pipeline(rounds: int, path: str | Path, resume: bool = False,
-                     image: str = DEFAULT_IMAGE, cluster: ClusterSettings | None = None) -> Path:
+                     image: str = DEFAULT_IMAGE, cluster: ClusterSettings | None = None, *,
+                     chain_step: Callable) -> Path:
     """Compile for a cluster: with ``cluster`` settings (default ones when None)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(rounds, resume, image, cluster or ClusterSettings()),
-                                str(path))
+    compiler.Compiler().compile(build_pipeline(rounds, resume, image, cluster or ClusterSettings(),
+                                               chain_step=chain_step), str(path))
     return path

@@ -4,9 +4,12 @@ The chain continues either from this CLI (``follow=True``: wait for each run, th
 next) or from the cluster itself (``chain_in_cluster``: every pipeline run ends with a task that
 submits the next one), so no laptop has to stay awake. Either way the next run starts from the
 last complete round recorded in the run's object store.
-"""
 
-from __future__ import annotations
+``continue_chain`` is that last task: ``pipelines.pipeline`` compiles it into every pipeline (it is
+passed in, so the dependency goes one way: this module uses the pipeline, never the reverse).
+KFP embeds its source in the compiled YAML and reads its annotations as parameter types, which is
+why this module has no ``from __future__ import annotations``.
+"""
 
 import logging
 import os
@@ -74,7 +77,8 @@ def submit_next(run: TrainingRun, target: ClusterTarget, part_name: str) -> str 
 
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(step.rounds, Path(tmp) / "mbpo.yaml", resume=step.resume,
-                                   image=target.image, cluster=ClusterSettings(gpu=target.gpu))
+                                   image=target.image, cluster=ClusterSettings(gpu=target.gpu),
+                                   chain_step=continue_chain)
         try:
             result = _client(target).create_run_from_pipeline_package(
                 str(package), arguments=arguments, run_name=part_name,
@@ -84,6 +88,26 @@ def submit_next(run: TrainingRun, target: ClusterTarget, part_name: str) -> str 
             raise SubmitError(f"the KFP API at {target.host or 'in-cluster'} refused the run: {e}") from e
     log.info("submitted %s (%d rounds): run id %s", part_name, step.rounds, result.run_id)
     return result.run_id
+
+
+# The pipeline's last task (a KFP lightweight component): KFP copies this function's source, alone,
+# into the compiled YAML, and a pod runs it with the project image's packages; so it imports what
+# it uses itself, from this very module too. Any change to its text changes the compiled YAML.
+def continue_chain(run_url: str, total_steps: int, device: str, kfp_host: str, namespace: str,
+                   kfp_experiment: str, rounds_per_run: int, image: str, tracking_uri: str,
+                   mlflow_experiment: str, registered_model: str, gpu: bool) -> str:
+    """Submit the next pipeline run of this training run (chaining from inside the cluster)."""
+    from pipelines.chain import existing_run
+    from pipelines.submit import ClusterTarget, submit_next
+
+    run = existing_run(run_url, total_steps, device)
+    ckpt = run.store.checkpoint()
+    name = run_url.rstrip("/").rsplit("/", 1)[-1] + f"-from-r{ckpt.round + 1 if ckpt else 0}"
+    target = ClusterTarget(kfp_host or None, namespace or None, kfp_experiment, image,
+                           rounds_per_run, chain_in_cluster=True, gpu=gpu)
+    run.tracking_uri, run.mlflow_experiment = tracking_uri, mlflow_experiment
+    run.registered_model = registered_model
+    return submit_next(run, target, name) or ""
 
 
 def submit_chain(run: TrainingRun, target: ClusterTarget, name: str, follow: bool,

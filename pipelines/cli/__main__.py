@@ -1,0 +1,7 @@
+"""``python -m pipelines.cli ...``: the ``mbpo`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
