@@ -103,14 +103,15 @@ class MBPOConfig:
     def rollout_length(self, env_steps: int) -> int:
         """Rollout length k at ``env_steps``: linear in epochs from k0 at e0 to k1 at e1.
 
-        Epochs count from the end of the random warm-up, as in the original code."""
+        As the original's ``_set_rollout_length``: the epoch is the whole number of epochs
+        completed since the random warm-up ended (not a fraction), so k steps up only at an
+        epoch's first fit."""
         e0, e1, k0, k1 = self.rollout.schedule
-        epoch = max(0, env_steps - self.init_steps) / self.epoch_length
-        if epoch <= e0 or e1 == e0:
-            frac = 0.0 if epoch <= e0 else 1.0
-        else:
-            frac = min((epoch - e0) / (e1 - e0), 1.0)
-        return int(k0 + frac * (k1 - k0))
+        epoch = max(0, env_steps - self.init_steps) // self.epoch_length
+        if epoch <= e0:
+            return k0
+        frac = 1.0 if e1 == e0 else min((epoch - e0) / (e1 - e0), 1.0)
+        return int(frac * (k1 - k0) + k0)
 
     def model_buffer_capacity(self, rollout_length: int) -> int:
         """Model pool size (jannerm/mbpo ``_set_rollout_length``): kept epochs x k x rollouts/epoch."""

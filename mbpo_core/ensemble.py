@@ -94,8 +94,15 @@ class GaussianEnsemble(nn.Module):
 class FitResult:
     epochs: int
     train_loss: float
-    holdout_mse: list[float]
+    holdout_mse: list[float]   # NaN for every member when there was no holdout
     elite_holdout_mse: float
+    n_holdout: int = 0
+
+    @property
+    def diverged(self) -> bool:
+        """The training loss, or every member's holdout error, is no longer a finite number."""
+        return not math.isfinite(self.train_loss) or (
+            self.n_holdout > 0 and not any(math.isfinite(m) for m in self.holdout_mse))
 
 
 def make_optimizer(model: GaussianEnsemble) -> torch.optim.Adam:
@@ -189,7 +196,7 @@ def fit(model: GaussianEnsemble, optimizer: torch.optim.Optimizer, inputs: torch
     last_loss = float(running) / n_batches
     log.debug("ensemble fit: %d epochs, loss %.4f, elite holdout mse %.5f", epoch, last_loss,
               elite_mse)
-    return FitResult(epoch, last_loss, mse.tolist(), elite_mse)
+    return FitResult(epoch, last_loss, mse.tolist(), elite_mse, n_hold)
 
 
 def make_training_data(obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,

@@ -30,12 +30,15 @@ class BatchedLinear(nn.Module):
             w, b = w[members], b[members]
         return torch.baddbmm(b, x, w)
 
-    def reset_uniform(self, generator: torch.Generator) -> None:
-        """PyTorch's ``nn.Linear`` default init, per member (what SAC ports use)."""
-        bound = 1.0 / math.sqrt(self.weight.shape[1])
+    def reset_glorot_uniform(self, generator: torch.Generator) -> None:
+        """Glorot-uniform weights, bound sqrt(6 / (fan_in + fan_out)) per member, and zero
+        biases: Keras' Dense defaults, which softlearning's SAC networks (the original MBPO's)
+        use, as does pranz24's SAC in mbrl-lib (xavier-uniform)."""
+        fan_in, fan_out = self.weight.shape[1], self.weight.shape[2]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
         with torch.no_grad():
             self.weight.uniform_(-bound, bound, generator=generator)
-            self.bias.uniform_(-bound, bound, generator=generator)
+            self.bias.zero_()
 
     def reset_truncated_normal(self, generator: torch.Generator) -> None:
         """The original MBPO's init: truncated normal, std 1/(2 sqrt(in)), zero bias."""

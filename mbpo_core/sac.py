@@ -31,7 +31,7 @@ class Actor(nn.Module):
         self.arch = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden": hidden, "layers": layers}
         self.net = BatchedMLP(1, obs_dim, 2 * act_dim, hidden, layers, nn.ReLU)
         for layer in self.net.layers:
-            layer.reset_uniform(generator)
+            layer.reset_glorot_uniform(generator)
 
     def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
@@ -88,7 +88,7 @@ class TwinCritic(nn.Module):
         super().__init__()
         self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, nn.ReLU)
         for layer in self.net.layers:
-            layer.reset_uniform(generator)
+            layer.reset_glorot_uniform(generator)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False) -> torch.Tensor:
         """Both Q values, [2, B]; ``detach`` lets gradients reach the action but not the weights."""

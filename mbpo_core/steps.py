@@ -24,7 +24,8 @@ from .termination import termination_fn
 log = logging.getLogger(__name__)
 
 class DivergenceError(RuntimeError):
-    """Training produced non-finite losses; continuing would only spread NaNs."""
+    """Training produced non-finite losses (SAC), a non-finite dynamics model, or mostly
+    non-finite imagined rollouts; continuing would only spread NaNs."""
 
 
 # Independent random streams of one run, derived from its seed (order is part of the format).
@@ -153,7 +154,13 @@ def fit_ensemble(dynamics: Dynamics, real: ReplayBuffer) -> ens.FitResult:
     """Fit on every real transition (training split + holdout), warm-starting from the last fit."""
     batch = real.split(real.rows())
     inputs, targets = ens.make_training_data(batch.obs, batch.act, batch.rew, batch.next_obs)
-    return ens.fit(dynamics.model, dynamics.optimizer, inputs, targets, dynamics.generator)
+    res = ens.fit(dynamics.model, dynamics.optimizer, inputs, targets, dynamics.generator)
+    if res.diverged:
+        raise DivergenceError(
+            f"the dynamics model diverged: training loss {res.train_loss}, holdout errors "
+            f"{res.holdout_mse}; nothing of this round is kept: the last good state is the "
+            "previous round's. Lower ensemble.lr or raise ensemble.weight_decay, then resume from it")
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +197,12 @@ def imagine(cfg: MBPOConfig, dynamics: Dynamics, actor: Actor, real: ReplayBuffe
             break
         obs = next_obs[keep]
     rows = torch.cat(chunks)
+    # each non-finite transition ends its rollout: ``nonfinite`` counts the rollouts lost
+    if 2 * nonfinite > cfg.rollout.batch_size:
+        raise DivergenceError(
+            f"the dynamics model diverged: {nonfinite} of {cfg.rollout.batch_size} rollouts came "
+            "out non-finite (NaN or inf); nothing of this round is kept: the last good state is "
+            "the previous round's")
     if nonfinite:
         log.warning("dropped %d imagined transitions with NaN or inf predictions", nonfinite)
     return ImagineResult(rows, rollout_length, rows.shape[0] / cfg.rollout.batch_size, nonfinite)

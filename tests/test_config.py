@@ -32,6 +32,7 @@ def test_rollout_schedule_and_pool_size():
     assert cfg.rollout_length(5000 + 20_000) == 1
     assert cfg.rollout_length(5000 + 85_000) == 8
     assert cfg.rollout_length(5000 + 150_000) == 15 == cfg.rollout_length(10**7)
+    assert cfg.rollout_length(34_750) == 1  # epoch 29 (not 29.75): the original's k
     # paper: retain_epochs x k x rollouts per epoch (100k start states, 4 fits per epoch)
     assert cfg.model_buffer_capacity(15) == 15 * 400_000
 
@@ -74,3 +75,28 @@ def test_config_round_trips_through_dict():
     cfg = make_config("Ant-v5", ["sac.hidden_size=64"])
     assert MBPOConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.flat()["sac.hidden_size"] == 64
+
+
+def _original_rollout_length(schedule, epoch: int) -> int:
+    """jannerm/mbpo's ``MBPO._set_rollout_length``, written out, for the integer ``self._epoch``."""
+    min_epoch, max_epoch, min_length, max_length = schedule
+    if epoch <= min_epoch:
+        y = min_length
+    else:
+        dx = (epoch - min_epoch) / (max_epoch - min_epoch)
+        dx = min(dx, 1)
+        y = dx * (max_length - min_length) + min_length
+    return int(y)
+
+
+@pytest.mark.parametrize("env", ["Hopper-v5", "Ant-v5", "Humanoid-v5"])
+def test_rollout_schedule_equals_the_original_at_every_fit_of_a_125k_step_run(env):
+    """The original fits the model every ``model_train_freq`` steps after its initial
+    exploration; its epoch counter (``self._epoch``) is the number of whole epochs done."""
+    cfg = make_config(env)
+    fits = range(cfg.init_steps, 125_000 + 1, cfg.steps_per_round)
+    ours = [cfg.rollout_length(t) for t in fits]
+    original = [_original_rollout_length(cfg.rollout.schedule,
+                                         (t - cfg.init_steps) // cfg.epoch_length) for t in fits]
+    assert ours == original
+    assert len(set(ours)) > 1  # the schedule does move within 125k steps on these tasks

@@ -39,22 +39,52 @@ def test_nonfinite_model_predictions_are_dropped_and_counted():
     fit_ensemble(dyn, real)
     honest = dyn.model.sample_next
 
-    def diverged(obs, act, generator):  # a model that predicts NaN for every third sample
+    def diverged(obs, act, generator):  # a model that predicts NaN or inf for some samples
         rew, nxt = honest(obs, act, generator)
         nxt = nxt.clone()
-        nxt[::3, 0] = float("nan")
+        nxt[::8, 0] = float("nan")
         rew = rew.clone()
-        rew[1::7] = float("inf")
+        rew[1::11] = float("inf")
         return rew, nxt
 
     dyn.model.sample_next = diverged
     agent = Agent(cfg)
     dream = imagine(cfg, dyn, agent.actor, real, 3, torch.Generator().manual_seed(0))
     assert torch.isfinite(dream.rows).all()
-    assert dream.nonfinite > cfg.rollout.batch_size // 3
+    assert cfg.rollout.batch_size // 6 < dream.nonfinite <= cfg.rollout.batch_size // 2
     assert imagine_metrics(dream, 0)["rollout/nonfinite_dropped"] == dream.nonfinite
     # dropped samples end their rollouts: later steps start only from finite states
     assert dream.rows.shape[0] < 3 * cfg.rollout.batch_size - dream.nonfinite
+
+
+def test_mostly_nonfinite_rollouts_stop_the_run_as_a_diverged_model():
+    cfg = make_config("Hopper-v5", TINY, seed=0)
+    real = _real(cfg)
+    dyn = Dynamics(cfg)
+    fit_ensemble(dyn, real)
+    honest = dyn.model.sample_next
+
+    def diverged(obs, act, generator):  # NaN for two samples in three
+        rew, nxt = honest(obs, act, generator)
+        nxt = nxt.clone()
+        nxt[torch.arange(nxt.shape[0]) % 3 != 0, 0] = float("nan")
+        return rew, nxt
+
+    dyn.model.sample_next = diverged
+    with pytest.raises(DivergenceError, match=r"dynamics model diverged: \d+ of 256 rollouts"):
+        imagine(cfg, dyn, Agent(cfg).actor, real, 3, torch.Generator().manual_seed(0))
+
+
+def test_a_model_fit_that_blows_up_stops_the_run_as_a_diverged_model():
+    """An overflowing reward in the real data makes every member's loss non-finite."""
+    cfg = make_config("Hopper-v5", TINY, seed=0)
+    real = _real(cfg)
+    rows = real.rows().clone()
+    rows[:, real.split(rows).obs.shape[1] + 3] = 3e38  # the reward column: its square overflows
+    poisoned = ReplayBuffer(cfg.real_buffer_size, 11, 3)
+    poisoned.add_rows(rows)
+    with pytest.raises(DivergenceError, match="dynamics model diverged: training loss"):
+        fit_ensemble(Dynamics(cfg), poisoned)
 
 
 def test_diverging_sac_stops_with_a_clear_error():
