@@ -24,6 +24,8 @@ class StateError(ValueError):
 
 
 MAGIC = b"MBPO-STATE v1 sha256="
+# what a plain torch.save file starts with: a zip archive, or (legacy format) a pickle protocol
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -47,6 +49,10 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
         if actual != expected:
             raise StateError(f"state file {str(path)!r} fails its checksum (sha256 {actual[:16]}..., "
                              f"header says {expected[:16]}...): corrupt or truncated")
+    elif not data.startswith(TORCH_FILE_STARTS):
+        raise StateError(f"{str(path)!r} is not a state file of this project (it starts with "
+                         f"{data[:16]!r}); allowed: a state.pt written by `mbpo train "
+                         "--save-state`, or a step state of a pipeline run")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds of errors for bad files

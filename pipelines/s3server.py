@@ -83,6 +83,9 @@ def stop_process_group(pid: int, grace_s: float) -> None:
         time.sleep(0.1)
     if process_alive(pid):
         os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0  # delivered asynchronously: stopped means gone
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 # weed's SIGTERM handler never finishes here: the filer's graceful gRPC stop waits on the S3

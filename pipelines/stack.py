@@ -1,10 +1,14 @@
 """`mbpo stack`: the cluster's storage and tracking services on one machine, on loopback.
 
-``up`` starts a SeaweedFS S3 server (credentials required, generated per stack) and an
-``mlflow server`` (SQLite backend store, artifacts proxied to a bucket on that S3 server), waits
-until both answer, and records what it started in ``<dir>/stack.json`` (mode 0600: it holds the
-generated S3 secret). ``down`` stops exactly those processes. ``env`` gives the variables a client
-needs; only the tracking server holds S3 credentials for MLflow's artifacts, as on a cluster.
+``up`` starts a SeaweedFS S3 server (credentials required, generated once per stack folder) and
+an ``mlflow server`` (SQLite backend store, artifacts proxied to a bucket on that S3 server),
+waits until both answer, and records them in ``<dir>/stack.json`` (mode 0600: it holds the
+generated S3 secret). ``up`` is idempotent and recovers: it starts only the members that are
+down, on the folder's data, buckets, credentials and (while free) ports, so a stack stopped in
+the evening comes back in the morning with its MLflow runs and stored shards, and a member that
+died is started again. ``down`` stops exactly the processes ``up`` started and keeps the record
+(without process ids) for the next ``up``. ``env`` gives the variables a client needs; only the
+tracking server holds S3 credentials for MLflow's artifacts, as on a cluster.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class StackInfo:
     access_key: str
     secret_key: str
     mlflow_uri: str
-    s3_pid: int
+    s3_pid: int       # 0: not running (after `down`)
     mlflow_pid: int
 
     def env(self) -> dict[str, str]:
@@ -95,27 +99,81 @@ def start_mlflow(directory: Path, s3_endpoint: str, access_key: str, secret_key:
     return uri, proc
 
 
-def up(directory: str | os.PathLike[str]) -> StackInfo:
-    directory = Path(directory).resolve()
-    existing = load(directory)
-    if existing and process_alive(existing.s3_pid) and process_alive(existing.mlflow_pid):
-        return existing
-    directory.mkdir(parents=True, exist_ok=True)
-    s3 = S3Server.start(directory / "s3", access_key=f"mbpo-{secrets.token_hex(4)}",
-                        secret_key=secrets.token_urlsafe(24))
-    try:
-        s3.client().create_bucket(Bucket=STORE_BUCKET)
-        s3.client().create_bucket(Bucket=ARTIFACT_BUCKET)
-        mlflow_uri, mlflow_proc = start_mlflow(directory, s3.endpoint_url, s3.access_key,
-                                               s3.secret_key)
-    except BaseException:
-        s3.stop()
-        raise
-    info = StackInfo(str(directory), s3.endpoint_url, s3.access_key, s3.secret_key, mlflow_uri,
-                     s3.process.pid, mlflow_proc.pid)
-    state = _state_file(directory)
+def _running(pid: int) -> bool:
+    return pid > 0 and process_alive(pid)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:  # as the servers bind: connections of a killed one in
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT do not count
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _save(info: StackInfo) -> None:
+    state = _state_file(Path(info.dir))
     state.touch(mode=0o600)
     state.write_text(json.dumps(asdict(info), indent=1))
+
+
+def _ensure_buckets(s3: S3Server) -> None:
+    client = s3.client()
+    for bucket in (STORE_BUCKET, ARTIFACT_BUCKET):
+        try:
+            client.create_bucket(Bucket=bucket)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass  # the folder's earlier stack made it: its objects are still there
+
+
+def up(directory: str | os.PathLike[str]) -> StackInfo:
+    """Start whatever of the stack in ``directory`` is not running; reuse its data, buckets,
+    credentials and ports (a port taken by another process meanwhile is replaced)."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    info = load(directory)
+    if info is None:
+        info = StackInfo(str(directory), "", f"mbpo-{secrets.token_hex(4)}",
+                         secrets.token_urlsafe(24), "", 0, 0)
+    info.dir = str(directory)
+    started_s3 = None
+    if not _running(info.s3_pid):
+        old = _port(info.s3_endpoint) if info.s3_endpoint else None
+        started_s3 = S3Server.start(directory / "s3", access_key=info.access_key,
+                                    secret_key=info.secret_key,
+                                    port=old if old and _port_free(old) else None)
+        info.s3_endpoint, info.s3_pid = started_s3.endpoint_url, started_s3.process.pid
+        _save(info)  # from here on `down` can stop it, whatever happens next
+    try:
+        if started_s3 is not None:
+            _ensure_buckets(started_s3)
+        mlflow_up = _running(info.mlflow_pid) and _health(info.mlflow_uri)
+        if mlflow_up and started_s3 is not None and old != _port(info.s3_endpoint):
+            stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)  # it knows the old endpoint
+            mlflow_up = False
+        if not mlflow_up:
+            if _running(info.mlflow_pid):  # alive but not answering
+                stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
+            old_mlflow = _port(info.mlflow_uri) if info.mlflow_uri else None
+            info.mlflow_uri, proc = start_mlflow(
+                directory, info.s3_endpoint, info.access_key, info.secret_key,
+                port=old_mlflow if old_mlflow and _port_free(old_mlflow) else None)
+            info.mlflow_pid = proc.pid
+    except BaseException:
+        if started_s3 is not None:
+            started_s3.stop()
+            info.s3_pid = 0
+        _save(info)
+        raise
+    _save(info)
     return info
 
 
@@ -124,35 +182,43 @@ def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
     info = load(directory)
     if info is None:
         raise StackError(f"no stack recorded in {directory}")
-    if process_alive(info.mlflow_pid):
+    if _running(info.mlflow_pid):
         stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
-    port = int(info.mlflow_uri.rsplit(":", 1)[1])
     _, proc = start_mlflow(Path(info.dir), info.s3_endpoint, info.access_key, info.secret_key,
-                           port=port)
+                           port=_port(info.mlflow_uri))
     info.mlflow_pid = proc.pid
-    _state_file(Path(info.dir)).write_text(json.dumps(asdict(info), indent=1))
+    _save(info)
     return info
 
 
 def down(directory: str | os.PathLike[str]) -> bool:
-    """Stop what ``up`` started in ``directory``; False if nothing was recorded there."""
+    """Stop what ``up`` started in ``directory`` (nothing else); False if nothing was running.
+    The record stays, without process ids: the next ``up`` reuses the data and credentials."""
     info = load(directory)
     if info is None:
         return False
-    stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
-    stop_process_group(info.s3_pid, STOP_GRACE_S)
-    _state_file(Path(directory)).unlink()
-    return True
+    was_running = _running(info.mlflow_pid) or _running(info.s3_pid)
+    if _running(info.mlflow_pid):
+        stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
+    if _running(info.s3_pid):
+        stop_process_group(info.s3_pid, STOP_GRACE_S)
+    info.mlflow_pid = info.s3_pid = 0
+    _save(info)
+    return was_running
+
+
+def _health(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def status(directory: str | os.PathLike[str]) -> dict[str, bool] | None:
+    """Which members answer; None if no stack was ever started in ``directory``."""
     info = load(directory)
     if info is None:
         return None
-    mlflow_ok = False
-    try:
-        with urllib.request.urlopen(f"{info.mlflow_uri}/health", timeout=2) as r:
-            mlflow_ok = r.status == 200
-    except OSError:
-        pass
-    return {"s3": process_alive(info.s3_pid), "mlflow": mlflow_ok}
+    return {"s3": _running(info.s3_pid), "mlflow": _running(info.mlflow_pid) and
+            _health(info.mlflow_uri)}

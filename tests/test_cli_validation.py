@@ -446,3 +446,21 @@ def test_random_cli_arguments_fail_only_with_documented_errors(case, state_file,
         else:  # an unreachable tracking server (local commands) or Docker engine
             assert rc == 1, (rc, err)
             assert re.search(r"mbpo: .*(does not answer|--runner docker)", err), err
+
+
+def test_resume_from_a_file_that_is_not_a_state_says_so(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    rc = main(["train", "--env", "InvertedPendulum-v5", "--total-steps", "500", "--out",
+               str(tmp_path / "o"), "--resume-from", str(notes)])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "is not a state file of this project" in err and "mbpo train --save-state" in err
+
+
+def test_sync_of_a_missing_folder_names_it(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert main(["sync", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "no such run folder" in err and str(missing) in err
+    assert "nothing pending" not in err

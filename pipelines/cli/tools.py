@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mbpo_core.config import available_presets, make_config
+from mbpo_core.config import ConfigError, available_presets, make_config
 
 from .. import cliargs as argtypes
 from .common import DEFAULT_STACK_DIR, _tracking_uri, _use_stack
@@ -62,22 +62,37 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from .. import stack
 
     if args.action == "up":
-        info = stack.up(args.dir)
+        try:
+            info = stack.up(args.dir)
+        except (stack.StackError, RuntimeError, TimeoutError, OSError) as e:
+            print(f"mbpo stack up: {e}\nwhat was running before is as it was; see the logs in "
+                  f"{args.dir} (weed.log under s3/, mlflow.log)", file=sys.stderr)
+            return 1
         print(f"MLflow UI:  {info.mlflow_uri}\nS3 (SeaweedFS): {info.s3_endpoint}  (store "
               f"{info.env()['MBPO_STORE']})\n\nUse it with `mbpo run --stack` / `mbpo train "
               f"--stack`, or export (also: eval \"$(mbpo stack env)\"):")
         for k, v in info.env().items():
             print(f"export {k}={v}")
     elif args.action == "down":
-        print("stopped" if stack.down(args.dir) else f"no stack recorded in {args.dir}")
+        if stack.load(args.dir) is None:
+            print(f"no stack recorded in {args.dir}")
+        else:
+            print("stopped" if stack.down(args.dir) else "nothing was running",
+                  f"(data and credentials kept in {args.dir}: `mbpo stack up --dir {args.dir}` "
+                  "brings it back)")
     elif args.action == "status":
         state = stack.status(args.dir)
         if state is None:
-            print(f"no stack recorded in {args.dir}")
+            print(f"no stack recorded in {args.dir}; start one with `mbpo stack up --dir {args.dir}`")
             return 1
         info = stack.load(args.dir)
         print(f"s3 {info.s3_endpoint}: {'up' if state['s3'] else 'DOWN'}\n"
               f"mlflow {info.mlflow_uri}: {'up' if state['mlflow'] else 'DOWN'}")
+        if not all(state.values()):
+            down = " and ".join(k for k, ok in state.items() if not ok)
+            print(f"{down} down: `mbpo stack up --dir {args.dir}` starts only what is down, on "
+                  "the same data, buckets and credentials; then continue an interrupted run with "
+                  "`mbpo run --stack --resume-from RUN`")
         return 0 if all(state.values()) else 1
     else:
         info = stack.load(args.dir)
@@ -125,7 +140,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from mbpo_core.storage import open_store
     from mbpo_core.tracking import PENDING_DIR, check_reachable, check_tracking_uri, send_pending
 
-    pending = open_store(str(args.source).rstrip("/") + "/" + PENDING_DIR)
+    source = str(args.source).rstrip("/")
+    if "://" not in source or source.startswith("file://"):
+        folder = Path(source.removeprefix("file://"))
+        if not folder.is_dir():
+            raise ConfigError(f"sync {source}: no such run folder; allowed: a `mbpo train` --out "
+                              "folder, or a pipeline run's URL (STORE/runs/NAME)")
+    elif not open_store(source).exists("run.json"):
+        raise ConfigError(f"sync {source}: no training run there (no run.json); allowed: a "
+                          "pipeline run's URL (STORE/runs/NAME)")
+    pending = open_store(source + "/" + PENDING_DIR)
     keys = [k for k in pending.list() if k.endswith(".jsonl")]
     if not keys:
         print(f"nothing pending in {pending.url}")
