@@ -32,24 +32,28 @@ def _real(cfg, n=200):
     return buf
 
 
-def test_nonfinite_model_predictions_are_dropped_and_counted():
+def _dream(nan_rows, inf_rows=slice(0, 0)):
+    """Rollouts of a fitted model whose predictions are NaN for ``nan_rows`` of every batch
+    and whose rewards are inf for ``inf_rows``."""
     cfg = make_config("Hopper-v5", TINY, seed=0)
     real = _real(cfg)
     dyn = Dynamics(cfg)
     fit_ensemble(dyn, real)
     honest = dyn.model.sample_next
 
-    def diverged(obs, act, generator):  # a model that predicts NaN or inf for some samples
+    def diverged(obs, act, generator):
         rew, nxt = honest(obs, act, generator)
-        nxt = nxt.clone()
-        nxt[::8, 0] = float("nan")
-        rew = rew.clone()
-        rew[1::11] = float("inf")
+        nxt, rew = nxt.clone(), rew.clone()
+        nxt[nan_rows(nxt.shape[0]), 0] = float("nan")
+        rew[inf_rows] = float("inf")
         return rew, nxt
 
     dyn.model.sample_next = diverged
-    agent = Agent(cfg)
-    dream = imagine(cfg, dyn, agent.actor, real, 3, torch.Generator().manual_seed(0))
+    return cfg, imagine(cfg, dyn, Agent(cfg).actor, real, 3, torch.Generator().manual_seed(0))
+
+
+def test_nonfinite_model_predictions_are_dropped_and_counted():
+    cfg, dream = _dream(lambda n: slice(None, None, 8), slice(1, None, 11))
     assert torch.isfinite(dream.rows).all()
     assert cfg.rollout.batch_size // 6 < dream.nonfinite <= cfg.rollout.batch_size // 2
     assert imagine_metrics(dream, 0)["rollout/nonfinite_dropped"] == dream.nonfinite
@@ -58,21 +62,8 @@ def test_nonfinite_model_predictions_are_dropped_and_counted():
 
 
 def test_mostly_nonfinite_rollouts_stop_the_run_as_a_diverged_model():
-    cfg = make_config("Hopper-v5", TINY, seed=0)
-    real = _real(cfg)
-    dyn = Dynamics(cfg)
-    fit_ensemble(dyn, real)
-    honest = dyn.model.sample_next
-
-    def diverged(obs, act, generator):  # NaN for two samples in three
-        rew, nxt = honest(obs, act, generator)
-        nxt = nxt.clone()
-        nxt[torch.arange(nxt.shape[0]) % 3 != 0, 0] = float("nan")
-        return rew, nxt
-
-    dyn.model.sample_next = diverged
     with pytest.raises(DivergenceError, match=r"dynamics model diverged: \d+ of 256 rollouts"):
-        imagine(cfg, dyn, Agent(cfg).actor, real, 3, torch.Generator().manual_seed(0))
+        _dream(lambda n: torch.arange(n) % 3 != 0)  # NaN for two samples in three
 
 
 def test_a_model_fit_that_blows_up_stops_the_run_as_a_diverged_model():
