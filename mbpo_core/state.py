@@ -50,9 +50,9 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
             raise StateError(f"state file {str(path)!r} fails its checksum (sha256 {actual[:16]}..., "
                              f"header says {expected[:16]}...): corrupt or truncated")
     elif not data.startswith(TORCH_FILE_STARTS):
-        raise StateError(f"{str(path)!r} is not a state file of this project (it starts with "
-                         f"{data[:16]!r}); allowed: a state.pt written by `mbpo train "
-                         "--save-state`, or a step state of a pipeline run")
+        raise StateError(f"state file {str(path)!r}: this is not a state file of this project "
+                         f"(it starts with {data[:16]!r}); allowed: a state.pt written by "
+                         "`mbpo train --save-state`, or a step state of a pipeline run")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds of errors for bad files

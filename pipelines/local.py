@@ -144,7 +144,9 @@ def check_docker(run: TrainingRun, image: str | None, pipeline_root: Path,
         setup = DockerSetup(image or DEFAULT_IMAGE, run.run_url, run.tracking_uri, pipeline_root)
         setup.check(dry_run=dry_run)
     except DockerSetupError as e:
-        raise PipelineRunError(str(e)) from None
+        msg = str(e)
+        raise PipelineRunError(msg if msg.startswith("--runner docker") else
+                               f"--runner docker: {msg}") from None
     return setup
 
 

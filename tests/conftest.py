@@ -22,6 +22,19 @@ def tiny_overrides() -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory):
+    """A shard cache of this session's own: content-addressed, seeded shards from an earlier run
+    of the suite in ~/.cache must not stand in for reads from the store under test."""
+    old = os.environ.get("MBPO_CACHE_DIR")
+    os.environ["MBPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield os.environ["MBPO_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("MBPO_CACHE_DIR", None)
+    else:
+        os.environ["MBPO_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory):
     """Runs in the suite track to a throwaway MLflow store, never ./mlflow.db in the checkout."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

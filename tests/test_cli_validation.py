@@ -361,8 +361,10 @@ def _coherent(command: str, chosen: dict[str, list[str]]) -> None:
 
 
 @st.composite
-def cli_args(draw) -> tuple[str, list[str]]:
+def cli_args(draw) -> tuple[str, list[str], bool]:
+    """(command, argv, whether argv holds one known-invalid argument)."""
     command = draw(st.sampled_from(sorted(COMMANDS)))
+    known_bad = False
     table = COMMANDS[command]
     mode = draw(st.sampled_from(["valid", "valid", "one-bad", "one-bad", "random"]))
     bad = draw(st.sampled_from(sorted(table))) if mode == "one-bad" else None
@@ -374,6 +376,12 @@ def cli_args(draw) -> tuple[str, list[str]]:
             choices = [st.sampled_from(opt.invalid or opt.valid), _junk.map(lambda s: [s])]
             if opt.required:
                 choices.append(st.none())  # a required argument missing
+            value = draw(st.one_of(*choices))
+            # a value from the table's invalid list (or a required one left out) must be refused
+            known_bad = (value is None and opt.required) or (value in opt.invalid)
+            if value is not None:
+                chosen[name] = value
+            continue
         elif mode == "random":
             choices = [st.none(), valid, _junk.map(lambda s: [s])]
             if opt.invalid:
@@ -393,7 +401,7 @@ def cli_args(draw) -> tuple[str, list[str]]:
             argv.insert(draw(st.integers(0, len(argv))), token)
         if draw(st.booleans()):
             argv = ["--log-level", draw(st.sampled_from(["DEBUG", "WARNING", "LOUD"])), *argv]
-    return command, argv
+    return command, argv, known_bad
 
 
 ARGPARSE_ERROR = re.compile(r"error: (argument \S+|the following arguments are required: \S+|"
@@ -404,7 +412,7 @@ ARGPARSE_ERROR = re.compile(r"error: (argument \S+|the following arguments are r
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=cli_args())
 def test_random_cli_arguments_fail_only_with_documented_errors(case, state_file, offline):
-    command, argv = case
+    command, argv, known_bad = case
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         root = Path(tmp)
         _fixtures(root)
@@ -414,6 +422,7 @@ def test_random_cli_arguments_fail_only_with_documented_errors(case, state_file,
         event(f"{command}: exit code {rc}")  # pytest --hypothesis-show-statistics
         assert "Traceback" not in err
         created = _tree(root) - before
+        assert not (known_bad and rc == 0), f"{argv} holds a known-invalid argument: {out[-500:]}"
         if rc == 0:
             if out.startswith("usage:"):  # -h / --help
                 assert not created

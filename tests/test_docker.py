@@ -17,7 +17,12 @@ from mbpo_core.storage import open_store
 from pipelines.cli import main
 from pipelines.docker_runner import RUN_LABEL, local_code_fingerprint
 from tests.conftest import SECRETS_AT_BUILD, TINY
-from tests.test_pipeline_local import _assert_same_run, _final_real_manifest, _train
+from tests.test_pipeline_local import (
+    _assert_same_run,
+    _final_real_manifest,
+    _train,
+    assert_one_model_shard_per_round,
+)
 
 pytestmark = pytest.mark.slow
 ENV = "InvertedPendulum-v5"
@@ -150,6 +155,7 @@ def test_container_killed_mid_step_then_resume_equals_train(mbpo_image, s3_env, 
     _assert_same_run(out, _train(tmp_path, 200, 7))
     _assert_every_shard_once(run_url)
     assert [s.rows for s in _final_real_manifest(run_url).shards] == [100, 50, 50]
+    assert_one_model_shard_per_round(run_url, 3)
 
 
 def test_docker_runner_fails_early_and_clearly(mbpo_image, s3_server, tmp_path, capsys, monkeypatch):

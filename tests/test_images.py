@@ -98,6 +98,8 @@ def test_compiled_tasks_carry_image_secrets_resources_and_retries(tmp_path, monk
         cpu_req, cpu_lim, mem_req, mem_lim = RESOURCES[component]
         assert c["resources"]["resourceCpuLimit"] == cpu_lim
         assert c["resources"]["resourceMemoryLimit"] == mem_lim
+        assert c["resources"]["resourceCpuRequest"] == cpu_req
+        assert c["resources"]["resourceMemoryRequest"] == mem_req
         has_gpu = "accelerator" in c["resources"]
         assert has_gpu == (gpu and component in GPU_STEPS), name
         secrets = {s["secretName"]: s for s in k8s[name]["secretAsEnv"]}
@@ -109,7 +111,8 @@ def test_compiled_tasks_carry_image_secrets_resources_and_retries(tmp_path, monk
     for name, task in {**tasks, **inner}.items():
         if name.startswith("condition"):
             continue
-        assert task["retryPolicy"]["maxRetryCount"] == 3, name
+        assert task["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "30s",
+                                       "backoffFactor": 2.0, "backoffMaxDuration": "600s"}, name
         assert task["cachingOptions"].get("enableCache", False) is False, name
     device = tasks["fit-ensemble"]["inputs"]["parameters"]["device"]
     assert (device.get("runtimeValue", {}).get("constant") == "cuda") == gpu

@@ -94,6 +94,14 @@ def test_resume_after_a_killed_run_loses_and_duplicates_nothing(tmp_path):
     assert [s.rows for s in manifest.shards] == [100, 50, 50, 50]
     stored = [f"{run_url}/{k}" for k in open_store(run_url).list("real/")]
     assert sorted(stored) == sorted(s.uri for s in manifest.shards)
+    assert_one_model_shard_per_round(run_url, 4)
+
+
+def assert_one_model_shard_per_round(run_url: str, rounds: int) -> None:
+    """Imagined data is written once per round too: a rerun round replaced nothing and added
+    no second shard (keys are content-addressed: <round>-<sha>.npz)."""
+    keys = open_store(run_url).list("model/")
+    assert sorted(k.split("/")[-1].split("-")[0] for k in keys) == [f"{r:06d}" for r in range(rounds)]
 
 
 def test_run_refuses_to_overwrite_a_started_run(tmp_path, capsys):

@@ -97,7 +97,12 @@ def test_run_interrupted_by_a_stack_outage_resumes_to_the_undisturbed_result(tmp
     """SeaweedFS SIGKILLed mid-run: the run fails naming the cause; `mbpo stack up` brings the
     store back and `mbpo run --resume-from` ends with exactly `mbpo train`'s curve and policy."""
     from tests.conftest import TINY
-    from tests.test_pipeline_local import _assert_same_run, _final_real_manifest, _train
+    from tests.test_pipeline_local import (
+        _assert_same_run,
+        _final_real_manifest,
+        _train,
+        assert_one_model_shard_per_round,
+    )
 
     directory, out = tmp_path / "stack", tmp_path / "run"
     info = stack.up(directory)
@@ -137,5 +142,6 @@ def test_run_interrupted_by_a_stack_outage_resumes_to_the_undisturbed_result(tmp
 
         stored = [f"{run_url}/{k}" for k in open_store(run_url).list("real/")]
         assert sorted(stored) == sorted(s.uri for s in manifest.shards)
+        assert_one_model_shard_per_round(run_url, 4)
     finally:
         stack.down(directory)
