@@ -30,9 +30,33 @@ def stack_env(live_stack, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tracked(mbpo_stack):
-    """Filled by the pipeline test: the MLflow run it produced, for the UI test."""
-    return {}
+def tracked(mbpo_stack, tmp_path_factory):
+    """One tracked pipeline run on the stack (two chained pipeline runs), which the tests below
+    read, in any order or alone."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import stack as stack_mod
+
+    if not stack_mod.status(mbpo_stack)["mlflow"]:  # a fault test may have killed it
+        stack_mod.restart_mlflow(mbpo_stack)
+    info = stack_mod.load(mbpo_stack)
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    saved = {k: os.environ.get(k) for k in info.env()}  # --stack sets them in this process
+    try:
+        rc = main(["run", "--env", ENV, "--total-steps", "200", "--seed", "3", "--out", str(out),
+                   "--stack", str(mbpo_stack), "--run-name", "tracked", "--rounds-per-run", "2",
+                   "--experiment", "mbpo-test", "--no-progress", "--set", *TINY])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert rc == 0
+    client = MlflowClient(info.mlflow_uri)
+    exp = client.get_experiment_by_name("mbpo-test")
+    return {"out": out, "experiment_id": exp.experiment_id,
+            "runs": client.search_runs([exp.experiment_id])}
 
 
 def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_env, tracked):
@@ -40,18 +64,11 @@ def test_pipeline_run_is_tracked_in_mlflow_with_artifacts_on_s3(tmp_path, stack_
     from mlflow.tracking import MlflowClient
 
     directory, info = stack_env
-    out = tmp_path / "run"
-    rc = main(["run", "--env", ENV, "--total-steps", "200", "--seed", "3", "--out", str(out),
-               "--stack", str(directory), "--run-name", "tracked", "--rounds-per-run", "2",
-               "--experiment", "mbpo-test", "--no-progress", "--set", *TINY])
-    assert rc == 0
-
+    out = tracked["out"]
     client = MlflowClient(info.mlflow_uri)
-    exp = client.get_experiment_by_name("mbpo-test")
-    runs = client.search_runs([exp.experiment_id])
+    runs = tracked["runs"]
     assert len(runs) == 1, "two chained pipeline runs must share one MLflow run"
     run = runs[0]
-    tracked.update(run_id=run.info.run_id, experiment_id=exp.experiment_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     # every metric name, with step = env steps
     names = set(run.data.metrics)
@@ -135,10 +152,9 @@ def test_mlflow_ui_shows_the_run_and_its_metric_chart(stack_env, tracked):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed: `make test` installs it (scripts/test-deps.sh)"
-    assert tracked, "needs the MLflow run of the pipeline test in this module"
     _, info = stack_env
     url = (f"{info.mlflow_uri}/#/experiments/{tracked['experiment_id']}/runs/"
-           f"{tracked['run_id']}/model-metrics")
+           f"{tracked['runs'][0].info.run_id}/model-metrics")
     flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
              "--disable-dev-shm-usage", "--window-size=1400,1000",
              "--run-all-compositor-stages-before-draw", "--virtual-time-budget=60000"]
