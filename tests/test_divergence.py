@@ -71,3 +71,20 @@ def test_pipeline_divergence_keeps_the_last_good_round_and_resumes(tmp_path, und
                  "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["curve"] == undisturbed
     assert run.checkpoint().round == 4
+
+
+def test_a_diverged_tracked_train_run_ends_failed_in_mlflow(tmp_path, monkeypatch, mlflow_store):
+    """The run's MLflow record says FAILED (not RUNNING forever, nor FINISHED)."""
+    from mlflow.tracking import MlflowClient
+
+    with monkeypatch.context() as m:
+        m.setattr(mbpo_core.trainer, "update_sac",
+                  diverging(mbpo_core.trainer.update_sac, DIVERGE_AT_ROWS))
+        args = [a for a in TRAIN if a != "--no-tracking"]
+        rc = main(["train", *args, "--out", str(tmp_path / "diverged"), "--experiment",
+                   "diverged-train", "--registered-model", "", "--set", *TINY])
+    assert rc == 1
+    client = MlflowClient(mlflow_store)
+    [run] = client.search_runs([client.get_experiment_by_name("diverged-train").experiment_id])
+    assert run.info.status == "FAILED"
+    assert len(client.get_metric_history(run.info.run_id, "eval/return_mean")) == 2  # rounds 0, 1

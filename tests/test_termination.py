@@ -57,3 +57,23 @@ def test_termination_float32_model_outputs():
 def test_unknown_env_is_refused():
     with pytest.raises(ValueError, match="Pendulum-v1"):
         termination_fn("Pendulum-v1")
+
+
+def test_the_time_limit_is_never_stored_as_done():
+    """An episode cut by the time limit is truncated, not terminated: its last transition keeps
+    done = 0, so its value is bootstrapped (HalfCheetah never terminates on its own)."""
+    from mbpo_core.config import make_config
+    from mbpo_core.steps import Collector, collect
+
+    cfg = make_config("HalfCheetah-v5", ["max_episode_steps=20"], seed=0)
+    collector = Collector(cfg)
+    res = collect(collector, None, 100)
+    assert [length for _, length in res.episodes] == [20] * 5  # five episodes, each cut at 20
+    obs_dim = collector.obs.shape[0]
+    done = res.rows[:, -1]
+    assert torch.count_nonzero(done) == 0
+    # ... and the next episode starts afresh: after each cut, obs is not the last next_obs
+    obs, next_obs = res.rows[:, :obs_dim], res.rows[:, -1 - obs_dim:-1]
+    for cut in (19, 39, 59, 79):
+        assert not torch.equal(obs[cut + 1], next_obs[cut])
+        assert torch.equal(obs[cut], next_obs[cut - 1])
