@@ -141,14 +141,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from mbpo_core.tracking import PENDING_DIR, check_reachable, check_tracking_uri, send_pending
 
     source = str(args.source).rstrip("/")
-    if "://" not in source or source.startswith("file://"):
-        folder = Path(source.removeprefix("file://"))
-        if not folder.is_dir():
-            raise ConfigError(f"sync {source}: no such run folder; allowed: a `mbpo train` --out "
-                              "folder, or a pipeline run's URL (STORE/runs/NAME)")
-    elif not open_store(source).exists("run.json"):
-        raise ConfigError(f"sync {source}: no training run there (no run.json); allowed: a "
-                          "pipeline run's URL (STORE/runs/NAME)")
+    local = "://" not in source or source.startswith("file://")
+    if local and not Path(source.removeprefix("file://")).is_dir():
+        raise ConfigError(f"sync {source}: no such run folder; allowed: a `mbpo train` --out "
+                          "folder, or a pipeline run's URL (STORE/runs/NAME)")
     pending = open_store(source + "/" + PENDING_DIR)
     keys = [k for k in pending.list() if k.endswith(".jsonl")]
     if not keys:
