@@ -79,4 +79,9 @@ class Dockerd:
         if process_alive(self.proc.pid):
             stop_process_group(self.proc.pid, grace_s=20)
         self.proc.wait()
+        # dockerd bind-mounts the host's network namespace under its exec root and may leave it
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[1].startswith(str(self.run_dir))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
