@@ -57,12 +57,8 @@ def test_pipeline_on_s3_equals_in_process_training(tmp_path, s3_env):
     _assert_same_run(out, _train(tmp_path, 150, 1))
 
     run_url = f"{store_url}/runs/eq"
-    manifest = _final_real_manifest(run_url)
-    assert [s.rows for s in manifest.shards] == [100, 50]
-    assert all(s.uri.startswith(f"{run_url}/real/") for s in manifest.shards)
-    # each round wrote its rows once: the bucket holds exactly the manifest's shards
-    stored = open_store(run_url).list("real/")
-    assert sorted(f"{run_url}/{k}" for k in stored) == sorted(s.uri for s in manifest.shards)
+    assert all(s.uri.startswith(f"{run_url}/real/") for s in _final_real_manifest(run_url).shards)
+    assert_every_shard_once(run_url, [100, 50])
     assert RunStore(run_url).complete_rounds() == [0, 1]
     assert open_store(run_url).exists("policy.pt")
     # the first pipeline run's artifacts were pruned once the second had taken over
@@ -90,18 +86,19 @@ def test_resume_after_a_killed_run_loses_and_duplicates_nothing(tmp_path):
 
     assert main(["run", "--resume-from", str(out), "--out", str(out)]) == 0
     _assert_same_run(out, _train(tmp_path, 250, 2))
+    assert_every_shard_once(run_url, [100, 50, 50, 50])
+
+
+def assert_every_shard_once(run_url: str, rows: list[int]) -> None:
+    """Each round's data stored once, however often a round was rerun: the bucket holds exactly
+    the final manifest's real shards (``rows`` transitions each), and one model shard per round
+    (keys are content-addressed: <round>-<sha>.npz)."""
     manifest = _final_real_manifest(run_url)
-    assert [s.rows for s in manifest.shards] == [100, 50, 50, 50]
-    stored = [f"{run_url}/{k}" for k in open_store(run_url).list("real/")]
-    assert sorted(stored) == sorted(s.uri for s in manifest.shards)
-    assert_one_model_shard_per_round(run_url, 4)
-
-
-def assert_one_model_shard_per_round(run_url: str, rounds: int) -> None:
-    """Imagined data is written once per round too: a rerun round replaced nothing and added
-    no second shard (keys are content-addressed: <round>-<sha>.npz)."""
-    keys = open_store(run_url).list("model/")
-    assert sorted(k.split("/")[-1].split("-")[0] for k in keys) == [f"{r:06d}" for r in range(rounds)]
+    assert [s.rows for s in manifest.shards] == rows
+    store = open_store(run_url)
+    assert sorted(f"{run_url}/{k}" for k in store.list("real/")) == sorted(s.uri for s in manifest.shards)
+    rounds = sorted(k.split("/")[-1].split("-")[0] for k in store.list("model/"))
+    assert rounds == [f"{r:06d}" for r in range(len(rows))]
 
 
 def test_run_refuses_to_overwrite_a_started_run(tmp_path, capsys):

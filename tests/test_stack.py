@@ -97,12 +97,7 @@ def test_run_interrupted_by_a_stack_outage_resumes_to_the_undisturbed_result(tmp
     """SeaweedFS SIGKILLed mid-run: the run fails naming the cause; `mbpo stack up` brings the
     store back and `mbpo run --resume-from` ends with exactly `mbpo train`'s curve and policy."""
     from tests.conftest import TINY
-    from tests.test_pipeline_local import (
-        _assert_same_run,
-        _final_real_manifest,
-        _train,
-        assert_one_model_shard_per_round,
-    )
+    from tests.test_pipeline_local import _assert_same_run, _train, assert_every_shard_once
 
     directory, out = tmp_path / "stack", tmp_path / "run"
     info = stack.up(directory)
@@ -136,12 +131,6 @@ def test_run_interrupted_by_a_stack_outage_resumes_to_the_undisturbed_result(tmp
         assert main(["run", "--stack", str(directory), "--resume-from", run_url, "--out", str(out),
                      "--no-progress"]) == 0
         _assert_same_run(out, _train(tmp_path, 250, 8))
-        manifest = _final_real_manifest(run_url)
-        assert [s.rows for s in manifest.shards] == [100, 50, 50, 50]
-        from mbpo_core.storage import open_store
-
-        stored = [f"{run_url}/{k}" for k in open_store(run_url).list("real/")]
-        assert sorted(stored) == sorted(s.uri for s in manifest.shards)
-        assert_one_model_shard_per_round(run_url, 4)
+        assert_every_shard_once(run_url, [100, 50, 50, 50])
     finally:
         stack.down(directory)
