@@ -380,8 +380,8 @@ def _kept_actor(pending: ObjectStore, kept: dict[str, Any]) -> Actor:
     from .sac import Actor
 
     actor = Actor(**kept["arch"], generator=torch.Generator())
-    actor.load_state_dict(torch.load(io.BytesIO(pending.get(kept["state"])), map_location="cpu",
-                                     weights_only=True))
+    state = torch.load(io.BytesIO(pending.get(kept["state"])), weights_only=True, map_location="cpu")
+    actor.load_state_dict(state)
     return actor
 
 
