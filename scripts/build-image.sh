@@ -23,6 +23,10 @@ OFFLINE_BASE=mbpo-base:bookworm-py3.11
 PIP=${PIP:-python3.11 -m pip}
 
 die() { echo "build-image: $*" >&2; exit 1; }
+case "$TORCH_INDEX" in
+    *://*@*) die "TORCH_INDEX carries credentials, which a build argument would keep in the" \
+                 "image's history; put them in pip's configuration and pass the index without them" ;;
+esac
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd, or set DOCKER_HOST)"
 
 if docker image inspect "$PYTHON_IMAGE" >/dev/null 2>&1; then
