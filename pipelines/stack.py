@@ -134,6 +134,21 @@ def _ensure_buckets(s3: S3Server) -> None:
             pass  # the folder's earlier stack made it: its objects are still there
 
 
+def _reusable_port(url: str) -> int | None:
+    """The port ``url`` was on, if nothing else has taken it meanwhile."""
+    port = _port(url) if url else None
+    return port if port and _port_free(port) else None
+
+
+def _start_stack_mlflow(info: StackInfo) -> None:
+    """(Re)start the stack's MLflow server on its recorded port and store; updates ``info``."""
+    if _running(info.mlflow_pid):  # alive but not answering, or pointed at an old S3 endpoint
+        stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
+    info.mlflow_uri, proc = start_mlflow(Path(info.dir), info.s3_endpoint, info.access_key,
+                                         info.secret_key, port=_reusable_port(info.mlflow_uri))
+    info.mlflow_pid = proc.pid
+
+
 def up(directory: str | os.PathLike[str]) -> StackInfo:
     """Start whatever of the stack in ``directory`` is not running; reuse its data, buckets,
     credentials and ports (a port taken by another process meanwhile is replaced)."""
@@ -144,29 +159,19 @@ def up(directory: str | os.PathLike[str]) -> StackInfo:
         info = StackInfo(str(directory), "", f"mbpo-{secrets.token_hex(4)}",
                          secrets.token_urlsafe(24), "", 0, 0)
     info.dir = str(directory)
-    started_s3 = None
+    started_s3, old_endpoint = None, info.s3_endpoint
     if not _running(info.s3_pid):
-        old = _port(info.s3_endpoint) if info.s3_endpoint else None
         started_s3 = S3Server.start(directory / "s3", access_key=info.access_key,
                                     secret_key=info.secret_key,
-                                    port=old if old and _port_free(old) else None)
+                                    port=_reusable_port(info.s3_endpoint))
         info.s3_endpoint, info.s3_pid = started_s3.endpoint_url, started_s3.process.pid
         _save(info)  # from here on `down` can stop it, whatever happens next
     try:
         if started_s3 is not None:
             _ensure_buckets(started_s3)
-        mlflow_up = _running(info.mlflow_pid) and _health(info.mlflow_uri)
-        if mlflow_up and started_s3 is not None and old != _port(info.s3_endpoint):
-            stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)  # it knows the old endpoint
-            mlflow_up = False
-        if not mlflow_up:
-            if _running(info.mlflow_pid):  # alive but not answering
-                stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
-            old_mlflow = _port(info.mlflow_uri) if info.mlflow_uri else None
-            info.mlflow_uri, proc = start_mlflow(
-                directory, info.s3_endpoint, info.access_key, info.secret_key,
-                port=old_mlflow if old_mlflow and _port_free(old_mlflow) else None)
-            info.mlflow_pid = proc.pid
+        if not (_running(info.mlflow_pid) and _health(info.mlflow_uri)
+                and info.s3_endpoint == old_endpoint):
+            _start_stack_mlflow(info)
     except BaseException:
         if started_s3 is not None:
             started_s3.stop()
@@ -182,11 +187,7 @@ def restart_mlflow(directory: str | os.PathLike[str]) -> StackInfo:
     info = load(directory)
     if info is None:
         raise StackError(f"no stack recorded in {directory}")
-    if _running(info.mlflow_pid):
-        stop_process_group(info.mlflow_pid, MLFLOW_STOP_GRACE_S)
-    _, proc = start_mlflow(Path(info.dir), info.s3_endpoint, info.access_key, info.secret_key,
-                           port=_port(info.mlflow_uri))
-    info.mlflow_pid = proc.pid
+    _start_stack_mlflow(info)
     _save(info)
     return info
 
