@@ -167,6 +167,11 @@ def _s3_error(e: Exception, what: str) -> StorageError:
             return StorageError(f"{what}: the object does not exist")
         if code == "NoSuchBucket":
             return StorageError(f"{what}: the bucket does not exist")
+        if code.isdigit() and int(code) >= 500 or code in ("InternalError", "ServiceUnavailable",
+                                                             "SlowDown"):
+            return StorageError(f"{what}: the S3 server at {s3_endpoint_url() or 'AWS'} failed "
+                                f"({code}) on every retry; it may be stopping or overloaded "
+                                f"({e})")
         return StorageError(f"{what}: S3 error {code}: {e}")
     return StorageError(f"{what}: {e}")
 

@@ -77,7 +77,25 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     shutil.rmtree(root / ".tmp", ignore_errors=True)
+    _report_pending(run)
     return result
+
+
+def _report_pending(run: TrainingRun) -> None:
+    """Say here, not only in a step's log, what the steps kept while MLflow was unreachable."""
+    from mbpo_core.tracking import PENDING_DIR
+
+    try:
+        kept = [k for k in run.store.store.child(PENDING_DIR).list() if k.endswith(".jsonl")]
+    except Exception as e:  # the run itself is done and stored; this is advice only
+        log.warning("could not check for tracking records kept in %s/%s: %s", run.run_url,
+                    PENDING_DIR, e)
+        return
+    if kept:
+        log.error("the MLflow server was unreachable when the run ended: %d batch(es) of tracking "
+                  "records (metrics, the final policy, the run's end) are kept in %s/%s; once "
+                  "the server answers, send them with `mbpo sync %s`", len(kept), run.run_url,
+                  PENDING_DIR, run.run_url)
 
 
 class _Progress:
