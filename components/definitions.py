@@ -20,14 +20,15 @@ from components import DEFAULT_IMAGE
 
 def init_run(env: str, seed: int, overrides: list, run_url: str, total_steps: int,
              tracking_uri: str, mlflow_experiment: str, parent_run_id: str, kfp_run_id: str,
-             image: str, config: Output[Artifact]):
+             image: str, config: Output[Artifact], registered_model: str = ""):
     """Validate the whole configuration, set up (or check) the run's storage prefix, and create
     (or reopen) the training run's MLflow run."""
     from components.worker import run_step
     run_step("init_run", env=env, seed=seed, overrides=overrides, run_url=run_url,
              total_steps=total_steps, config=config, tracking_uri=tracking_uri,
              experiment=mlflow_experiment, parent_run_id=parent_run_id,
-             tags={"kfp.pipeline_run_id": kfp_run_id, "image": image})
+             tags={"kfp.pipeline_run_id": kfp_run_id, "image": image},
+             registered_model=registered_model)
 
 
 def init_states(config: Input[Artifact], collector: Output[Artifact], dynamics: Output[Model],

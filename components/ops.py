@@ -109,7 +109,12 @@ def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics:
         if math.isfinite(value):
             out.log_metric(name, float(value))
     tracker = _tracker(run)
-    if tracker is not None:
+    if tracker is not None and run.has_record(round_index, step):
+        # a step redone after a failure: its first attempt sent (or kept) these metrics before
+        # writing its record, and the values are the same; MLflow gets each point once
+        log.info("round %d %s: metrics already in MLflow from an earlier attempt", round_index,
+                 step)
+    elif tracker is not None:
         tracker.log_metrics(metrics, env_steps)
     run.write_record(round_index, step, env_steps, metrics, {k: a.uri for k, a in artifacts.items()})
     log.info("round %d %s done in %.1f s (env_steps %d)", round_index, step,
@@ -119,9 +124,11 @@ def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics:
 # --------------------------------------------------------------------------------------------
 def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_steps: int,
              config: ArtifactLike, tracking_uri: str = "", experiment: str = "mbpo",
-             tags: dict[str, str] | None = None, parent_run_id: str = "") -> None:
+             tags: dict[str, str] | None = None, parent_run_id: str = "",
+             registered_model: str = "") -> None:
     """Validate everything before any step runs; create (or check) the run's storage prefix;
-    create the training run's MLflow run, or reopen it when continuing."""
+    create the training run's MLflow run, or reopen it when continuing. The registry name is
+    kept with the run, so that a resume registers the policy where the run began."""
     _setup()
     cfg = make_config(env, overrides, seed=seed)
     if total_steps < 1:
@@ -157,7 +164,7 @@ def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_step
                                  tags=tags | {"mbpo.run_url": run_url},
                                  parent_run_id=parent_run_id or None)
         run.update_info(tracking={"uri": tracking_uri, "run_id": tracker.run_id,
-                                  "experiment": experiment})
+                                  "experiment": experiment, "registered_model": registered_model})
     log.info("run %s: %s seed %d, %d env steps", run_url, cfg.env, cfg.seed, total_steps)
 
 

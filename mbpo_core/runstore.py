@@ -91,6 +91,9 @@ class RunStore:
                   "metrics": {k: _finite(v) for k, v in metrics.items()}, "artifacts": artifacts}
         self.store.put(f"rounds/{round_index:06d}/{step}.json", json.dumps(record).encode())
 
+    def has_record(self, round_index: int, step: str) -> bool:
+        return self.store.exists(f"rounds/{round_index:06d}/{step}.json")
+
     def read_record(self, round_index: int, step: str) -> dict[str, Any]:
         return json.loads(self.store.get(f"rounds/{round_index:06d}/{step}.json"))
 

@@ -7,6 +7,7 @@ same component definitions that run in the project image on a cluster run here u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -42,12 +43,28 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
     (:mod:`components.worker`), saving about 3 s of imports per task; results are identical.
     kfp.local's task logs go to OUT/pipeline.log (to the console with ``verbose``), and a
     progress bar follows the run's round records."""
+    root = pipeline_root or out / "kfp-root"
+    docker = check_docker(run, image, root) if runner == "docker" else None
+    try:
+        return _run(run, out, rounds_per_run, root, docker, warm_workers, keep_artifacts,
+                    verbose, progress, image)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # kfp.local's artifacts, the task log and the summary live under OUT: a full disk there
+        # stops the run, never the stored rounds (they are in the run's store)
+        raise PipelineRunError(f"no space left on the device holding {out} ({e.strerror}); "
+                               f"free some space, then continue the training run with: mbpo "
+                               f"run --resume-from {run.run_url}") from None
+
+
+def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, warm_workers: bool,
+         keep_artifacts: bool, verbose: bool, progress: bool, image: str | None
+         ) -> dict[str, Any]:
     from kfp import local
 
     from components.worker import StepServer
 
-    root = pipeline_root or out / "kfp-root"
-    docker = check_docker(run, image, root) if runner == "docker" else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_url": run.run_url}, indent=1))
     (out / "config.json").write_text(run.config.to_json())
@@ -59,6 +76,8 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
                    raise_on_error=True)
     start = time.perf_counter()
     log_path = out / "pipeline.log"
+    # the log grows over resumes: only what this run writes can name its failure's cause
+    log_start = log_path.stat().st_size if log_path.is_file() else 0
     with contextlib.ExitStack() as stack:
         if warm_workers:
             stack.enter_context(StepServer())
@@ -72,7 +91,7 @@ def run_local(run: TrainingRun, out: Path, rounds_per_run: int = DEFAULT_ROUNDS_
                 open(log_path, "a", buffering=1))))
         stack.enter_context(_Progress(run, enabled=progress))
         _chain(run, rounds_per_run, root, keep_artifacts, {"image": image} if image else {},
-               None if verbose else log_path)
+               None if verbose else (log_path, log_start))
     result = summary(run, time.perf_counter() - start)
     (out / "policy.pt").write_bytes(read_uri(run.store.store.uri("policy.pt")))
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -171,11 +190,15 @@ def check_docker(run: TrainingRun, image: str | None, pipeline_root: Path,
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Failed)): (.+)$")
 
 
-def _cause(log_path: Path | None) -> str:
-    """The last exception a task logged: the reason behind kfp.local's 'task failed'."""
-    if log_path is None or not log_path.is_file():
+def _cause(task_log: tuple[Path, int] | None) -> str:
+    """The last exception a task of this run logged: the reason behind kfp.local's 'task
+    failed'. ``task_log``: the log file and where this run's part of it starts."""
+    if task_log is None or not task_log[0].is_file():
         return ""
-    for line in reversed(log_path.read_text(errors="replace").splitlines()[-2000:]):
+    with task_log[0].open("rb") as f:
+        f.seek(task_log[1])
+        text = f.read().decode(errors="replace")
+    for line in reversed(text.splitlines()[-2000:]):
         m = _ERROR_LINE.match(line)
         if m and m.group(1) not in ("RuntimeError", "StepFailed"):
             return f"\ncause: {m.group(1)}: {m.group(2)}"
@@ -183,7 +206,7 @@ def _cause(log_path: Path | None) -> str:
 
 
 def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bool,
-           image_kw: dict[str, str], log_path: Path | None) -> None:
+           image_kw: dict[str, str], task_log: tuple[Path, int] | None) -> None:
     while (step := next_run(run, rounds_per_run)) is not None:
         log.info("pipeline run: %d round(s)%s", step.rounds, " (continuing)" if step.resume else "")
         pipeline = build_pipeline(step.rounds, resume=step.resume, chain_step=continue_chain,
@@ -196,7 +219,7 @@ def _chain(run: TrainingRun, rounds_per_run: int, root: Path, keep_artifacts: bo
                 warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
                 pipeline(**step.arguments)
         except Exception as e:  # kfp.local raises RuntimeError naming the failed task
-            raise PipelineRunError(f"{e}{_cause(log_path)}\nthe training run is stored at "
+            raise PipelineRunError(f"{e}{_cause(task_log)}\nthe training run is stored at "
                                    f"{run.run_url}; continue it with: mbpo run --resume-from "
                                    f"{run.run_url}") from e
         if not keep_artifacts:

@@ -101,10 +101,11 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
         return task
 
     def start(env, seed, overrides, run_url, total_steps, tracking_uri, mlflow_experiment,
-              parent_run_id):
+              parent_run_id, registered_model):
         init = c.init_run(env=env, seed=seed, overrides=overrides, run_url=run_url,
                           total_steps=total_steps, tracking_uri=tracking_uri,
                           mlflow_experiment=mlflow_experiment, parent_run_id=parent_run_id,
+                          registered_model=registered_model,
                           kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=image)
         init.set_caching_options(False)
         setup(init)
@@ -133,7 +134,7 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                  namespace: str = "", kfp_experiment: str = "mbpo",
                  rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
             config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
-                           mlflow_experiment, parent_run_id)
+                           mlflow_experiment, parent_run_id, registered_model)
             init = c.init_states(config=config)
             init.set_caching_options(False)
             setup(init)
@@ -157,7 +158,7 @@ def build_pipeline(rounds: int, resume: bool = False, image: str = DEFAULT_IMAGE
                       kfp_host: str = "", namespace: str = "", kfp_experiment: str = "mbpo",
                       rounds_per_run: int = DEFAULT_ROUNDS_PER_RUN, next_image: str = image):
         config = start(env, seed, overrides, run_url, total_steps, tracking_uri,
-                       mlflow_experiment, parent_run_id)
+                       mlflow_experiment, parent_run_id, registered_model)
         uris = {"collector": collector_uri, "real_manifest": real_manifest_uri,
                 "dynamics": dynamics_uri, "model_manifest": model_manifest_uri,
                 "rollout": rollout_uri, "agent": agent_uri, "policy": policy_uri}

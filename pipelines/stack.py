@@ -125,13 +125,35 @@ def _save(info: StackInfo) -> None:
     state.write_text(json.dumps(asdict(info), indent=1))
 
 
-def _ensure_buckets(s3: S3Server) -> None:
+def _ensure_buckets(s3: S3Server, timeout_s: float = 30.0) -> None:
+    """Create the stack's buckets where missing. A SeaweedFS that has just restarted may still be
+    loading its bucket list: a create can then be refused as "already exists" (by it) while a
+    HEAD does not see the bucket yet, so both are retried until they agree."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     client = s3.client()
+    deadline = time.monotonic() + timeout_s
     for bucket in (STORE_BUCKET, ARTIFACT_BUCKET):
-        try:
-            client.create_bucket(Bucket=bucket)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass  # the folder's earlier stack made it: its objects are still there
+        last: Exception | None = None
+        while True:
+            try:
+                client.head_bucket(Bucket=bucket)
+                break  # the folder's earlier stack made it: its objects are still there
+            except (ClientError, BotoCoreError):
+                pass
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except (client.exceptions.BucketAlreadyOwnedByYou,
+                    client.exceptions.BucketAlreadyExists) as e:
+                last = e  # it exists, but is not listed yet: HEAD it again
+            except (ClientError, BotoCoreError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise StackError(f"the stack's S3 server at {s3.endpoint_url} did not make or show "
+                                 f"bucket {bucket!r} within {timeout_s:.0f} s"
+                                 f"{f': {last}' if last else ''}; see {s3.data_dir / 'weed.log'}")
+            time.sleep(0.5)
 
 
 def _reusable_port(url: str) -> int | None:

@@ -46,7 +46,8 @@ def _add_tracking_args(p: argparse.ArgumentParser, local: bool) -> None:
     p.add_argument("--experiment", type=argtypes.experiment_name, default="mbpo",
                    help="MLflow experiment (default mbpo)")
     p.add_argument("--registered-model", type=argtypes.registered_model, default=None, metavar="NAME",
-                   help="Model Registry name for the final policy (default mbpo-ENV; '' = none)")
+                   help="Model Registry name for the final policy (default mbpo-ENV, or with "
+                        "--resume-from the name the run began with; '' = none)")
     p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     if local:
         p.add_argument("--stack", nargs="?", const=DEFAULT_STACK_DIR, default=None, metavar="DIR",
@@ -122,6 +123,9 @@ def _training_run(args: argparse.Namespace, local: bool) -> TrainingRun:
     run.tracking_uri = _tracking_uri(args, local)
     run.mlflow_experiment = args.experiment
     run.registered_model = _registered_model(args, run.env)
+    if args.resume_from and args.registered_model is None:  # where the run began registering
+        stored = (run.store.read_info() or {}).get("tracking") or {}
+        run.registered_model = stored.get("registered_model", run.registered_model)
     return run
 
 
