@@ -83,8 +83,9 @@ def _manifest(artifact: ArtifactLike) -> ShardManifest:
 
 def _actor(cfg: MBPOConfig, policy: ArtifactLike, device: str = "cpu") -> Actor:
     spec = ENV_SPECS[cfg.env]
+    # in the training precision, as `mbpo train` acts with its training actor: same results
     actor = Actor(spec.obs_dim, spec.act_dim, cfg.sac.hidden_size, cfg.sac.num_hidden_layers,
-                  torch.Generator())
+                  torch.Generator(), cfg.sac.precision)
     actor.load_state_dict(load_state(policy.path, device))
     return actor.to(device)
 
@@ -144,7 +145,7 @@ def init_run(env: str, seed: int, overrides: list[str], run_url: str, total_step
     if info is None:
         run.write_info(cfg, total_steps, overrides)
         info = run.read_info()
-    elif info["config"] != json.loads(cfg.to_json()):
+    elif MBPOConfig.from_dict(info["config"]) != cfg:  # fields added since: their defaults
         stored = MBPOConfig.from_dict(info["config"]).flat()
         diff = {k: (stored.get(k), v) for k, v in cfg.flat().items() if stored.get(k) != v}
         raise ConfigError(f"{run_url} holds a run with another configuration; differing fields "

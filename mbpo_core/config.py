@@ -46,6 +46,9 @@ class EnsembleConfig:
     improvement_threshold: float = _spec(0.01, lo=0.0, hi=1.0)
     max_epochs: int = _spec(0, lo=0, hi=1_000_000, doc="0 = until early stopping")
     logvar_bound_coef: float = _spec(0.01, lo=0.0, hi=10.0)
+    precision: str = _spec("fp32", choices=("fp32", "bf16"),
+                           doc="hidden-layer matrix products in bf16 (fp32 weights, losses and "
+                               "output layer) where the processor has bf16 matrix units")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class SACConfig:
                                         "simultaneous ones (softlearning, used by jannerm/mbpo)")
     compile: bool = _spec(False, doc="torch.compile the SAC losses: same math, faster updates "
                                      "after a one-off compile of ~30 s")
+    precision: str = _spec("fp32", choices=("fp32", "bf16"),
+                           doc="hidden-layer matrix products in bf16 (fp32 weights, losses, Q "
+                               "targets and output layers) where the processor has bf16 units")
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,10 @@ def _validate_fields(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{key} = {value!r} must be a {expected.__name__}")
             if expected in (int, float):
                 _check_number(key, value, f.metadata)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{key} = {value!r} is not allowed; allowed: "
+                                  f"{', '.join(map(str, choices))}")
 
 
 def validate(cfg: MBPOConfig) -> None:

@@ -28,7 +28,7 @@ class GaussianEnsemble(nn.Module):
         self.obs_dim, self.act_dim, self.cfg = obs_dim, act_dim, cfg
         in_dim, self.out_dim = obs_dim + act_dim, obs_dim + 1
         self.net = BatchedMLP(cfg.ensemble_size, in_dim, 2 * self.out_dim, cfg.hidden_size,
-                              cfg.num_hidden_layers, nn.SiLU)
+                              cfg.num_hidden_layers, nn.SiLU, cfg.precision)
         for layer in self.net.layers:
             layer.reset_truncated_normal(generator)
         self.max_logvar = nn.Parameter(torch.full((1, self.out_dim), 0.5))

@@ -1,7 +1,8 @@
 """Batched MLPs: E independent networks held as [E, in, out] weights, run with one bmm per layer.
 
 Used for the dynamics ensemble (E = ensemble size) and SAC's twin critics (E = 2): every member
-sees its own input batch ``x [E, B, in]`` and all members advance together.
+sees its own input batch ``x [E, B, in]`` and all members advance together. ``precision`` (see
+:mod:`mbpo_core.precision`) sets the dtype of the hidden layers' products; weights stay fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .precision import PRECISIONS, matmul_dtype
+
 
 class BatchedLinear(nn.Module):
     def __init__(self, members: int, in_features: int, out_features: int) -> None:
@@ -19,15 +22,21 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, out_features))
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
-                detach: bool = False) -> torch.Tensor:
+                detach: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x [E, B, in]``; with ``members`` (indices), only those members run: ``x [len, B, in]``.
 
-        ``detach`` uses the weights as constants: gradients flow to ``x`` only."""
+        ``detach`` uses the weights as constants: gradients flow to ``x`` only. ``dtype``: the
+        product's dtype (default the weights'); gradients reach the fp32 weights through the
+        casts, so they and the optimizer state stay fp32."""
         w, b = self.weight, self.bias
         if detach:
             w, b = w.detach(), b.detach()
         if members is not None:
             w, b = w[members], b[members]
+        if dtype is not None and dtype != w.dtype:
+            w, b = w.to(dtype), b.to(dtype)
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
         return torch.baddbmm(b, x, w)
 
     def reset_glorot_uniform(self, generator: torch.Generator) -> None:
@@ -52,14 +61,20 @@ class BatchedMLP(nn.Module):
     """``layers`` hidden layers of ``hidden`` units with ``activation``; linear output."""
 
     def __init__(self, members: int, in_features: int, out_features: int, hidden: int,
-                 layers: int, activation: type[nn.Module] = nn.ReLU) -> None:
+                 layers: int, activation: type[nn.Module] = nn.ReLU,
+                 precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
         sizes = [in_features] + [hidden] * layers + [out_features]
         self.layers = nn.ModuleList(BatchedLinear(members, a, b) for a, b in zip(sizes, sizes[1:]))
         self.act = activation()
+        self.precision = precision
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 detach: bool = False) -> torch.Tensor:
+        """Hidden layers in the precision's dtype; the output layer, and what it returns, fp32."""
+        dtype = matmul_dtype(self.precision, x.device.type)
         for layer in self.layers[:-1]:
-            x = self.act(layer(x, members, detach))
-        return self.layers[-1](x, members, detach)
+            x = self.act(layer(x, members, detach, dtype))
+        return self.layers[-1](x, members, detach, torch.float32)

@@ -25,11 +25,11 @@ _LOG2 = math.log(2.0)
 
 class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, precision: str = "fp32") -> None:
         super().__init__()
         # the constructor's sizes: enough to rebuild it around a saved state dict
         self.arch = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden": hidden, "layers": layers}
-        self.net = BatchedMLP(1, obs_dim, 2 * act_dim, hidden, layers, nn.ReLU)
+        self.net = BatchedMLP(1, obs_dim, 2 * act_dim, hidden, layers, nn.ReLU, precision)
         for layer in self.net.layers:
             layer.reset_glorot_uniform(generator)
 
@@ -84,9 +84,9 @@ def host_actor(actor: Actor) -> Actor:
 
 class TwinCritic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, precision: str = "fp32") -> None:
         super().__init__()
-        self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, nn.ReLU)
+        self.net = BatchedMLP(2, obs_dim + act_dim, 1, hidden, layers, nn.ReLU, precision)
         for layer in self.net.layers:
             layer.reset_glorot_uniform(generator)
 
@@ -101,11 +101,14 @@ class SAC(nn.Module):
                  device: str | torch.device = "cpu", compile: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.actor = Actor(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers, generator)
+        # the training actor and critics multiply in cfg.precision; a saved or evaluated policy
+        # (cpu_actor) runs in fp32 from the same fp32 weights
+        self.actor = Actor(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers, generator,
+                           cfg.precision)
         self.critic = TwinCritic(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers,
-                                 generator)
+                                 generator, cfg.precision)
         self.critic_target = TwinCritic(obs_dim, act_dim, cfg.hidden_size,
-                                        cfg.num_hidden_layers, generator)
+                                        cfg.num_hidden_layers, generator, cfg.precision)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 ENV = "InvertedPendulum-v5"
 
 
-def _train(tmp_path: Path, steps: int, seed: int) -> dict:
+def _train(tmp_path: Path, steps: int, seed: int, extra: tuple[str, ...] = ()) -> dict:
     out = tmp_path / "train"
     assert main(["train", "--env", ENV, "--total-steps", str(steps), "--seed", str(seed), "--out",
-                 str(out), "--no-progress", "--set", *TINY]) == 0
+                 str(out), "--no-progress", "--set", *TINY, *extra]) == 0
     return json.loads((out / "summary.json").read_text()) | {"out": out}
 
 
@@ -63,6 +63,23 @@ def test_pipeline_on_s3_equals_in_process_training(tmp_path, s3_env):
     assert open_store(run_url).exists("policy.pt")
     # the first pipeline run's artifacts were pruned once the second had taken over
     assert len([p for p in (out / "kfp-root").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_pipeline_in_bf16_equals_in_process_training_in_bf16(tmp_path):
+    """The precision setting changes the numbers, never the agreement of `run` and `train`."""
+    bf16 = ("sac.precision=bf16", "ensemble.precision=bf16")
+    out = tmp_path / "pipeline"
+    assert main(["run", "--env", ENV, "--total-steps", "200", "--seed", "2", "--out", str(out),
+                 "--store", str(tmp_path / "store"), "--rounds-per-run", "2", "--no-progress",
+                 "--no-tracking", "--set", *TINY, *bf16]) == 0
+    train = _train(tmp_path, 200, 2, bf16)
+    _assert_same_run(out, train)
+    fp32 = torch.load(_train(tmp_path / "fp32", 200, 2)["out"] / "policy.pt", weights_only=True)
+    low = torch.load(train["out"] / "policy.pt", weights_only=True)
+    from mbpo_core.precision import bf16_matmul_supported
+
+    if bf16_matmul_supported("cpu"):  # else bf16 falls back to fp32, and the runs are equal
+        assert any(not torch.equal(fp32[k], low[k]) for k in fp32), "bf16 changed nothing"
 
 
 def test_resume_after_a_killed_run_loses_and_duplicates_nothing(tmp_path):

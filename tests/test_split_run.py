@@ -1,5 +1,6 @@
 """A run split across save/load (a pipeline step boundary) equals an unsplit run, bit for bit."""
 
+import pytest
 import torch
 
 from mbpo_core.config import make_config
@@ -12,8 +13,10 @@ def _policy_equal(a: MBPOTrainer, b: MBPOTrainer) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_split_run_equals_unsplit(tmp_path, tiny_overrides):
-    cfg = make_config("Hopper-v5", tiny_overrides, seed=3)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_run_equals_unsplit(tmp_path, tiny_overrides, precision):
+    cfg = make_config("Hopper-v5", tiny_overrides + [f"sac.precision={precision}",
+                                                     f"ensemble.precision={precision}"], seed=3)
     whole = MBPOTrainer(cfg)
     whole.train(200, progress=False)  # 100 random + 2 rounds of 50
 
