@@ -125,7 +125,8 @@ def _step_processes(driver: int) -> tuple[list[int], list[int]]:
 class Fault:
     index: int
     kind: str
-    delay_s: float
+    trigger: int                 # injected once the store holds this many step records ...
+    delay_s: float               # ... and this long after the run (re)started or last progressed
     injected: bool = False
     at_records: int = 0          # step records in the store when it was injected
     detail: str = ""
@@ -186,7 +187,11 @@ class Campaign:
         rng = np.random.default_rng(self.seed)
         plan = [kinds[i % len(kinds)] for i in range(self.faults)]
         rng.shuffle(plan)
-        self.plan = [Fault(i, k, float(rng.uniform(0.0, 3.0))) for i, k in enumerate(plan)]
+        # moments spread over the whole run: a record count each (a round writes 5 step records;
+        # a count is reached again while a resumed run redoes steps), then a random delay
+        triggers = np.sort(rng.integers(1, 5 * self.rounds - 1, size=self.faults))
+        self.plan = [Fault(i, k, int(t), float(rng.uniform(0.0, 2.0)))
+                     for i, (k, t) in enumerate(zip(plan, triggers))]
         self.rng = rng
         try:
             started = time.perf_counter()
@@ -218,6 +223,8 @@ class Campaign:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         mbpo("stack", "down", "--dir", str(self.stack_dir))
+        if (self.out / "pipeline.log").exists():  # the tmpfs goes: keep the steps' log
+            shutil.copy(self.out / "pipeline.log", self.logs / "pipeline.log")
         if self.tmpfs:
             subprocess.run(["umount", "-l", str(self.out)], capture_output=True)
 
@@ -252,6 +259,7 @@ class Campaign:
     def _drive(self) -> dict:
         self.drivers: list[subprocess.Popen] = []
         driver = self._start(resume=False)
+        started_at = time.monotonic()
         deadline = time.monotonic() + self.timeout_s
         pending = iter(self.plan)
         fault, last_records, last_fault, last_fault_at = next(pending, None), 0, None, 0.0
@@ -261,6 +269,7 @@ class Campaign:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the campaign did not finish in {self.timeout_s:.0f} s")
             records = self._records()
+            since = progress_at if progress_at is not None else started_at
             if records is not None and records > last_records:
                 last_records, progress_at = records, time.monotonic()
                 failures_in_a_row = 0
@@ -277,15 +286,15 @@ class Campaign:
                 self._note_failure(rc, last_fault)
                 self._recover_stack()
                 driver = self._start(resume=True)
-                resumes += 1
+                started_at, resumes = time.monotonic(), resumes + 1
                 progress_at = None
                 continue
-            if fault is not None and progress_at is not None \
-                    and time.monotonic() - progress_at >= fault.delay_s:
+            if fault is not None and last_records >= fault.trigger and since is not None \
+                    and time.monotonic() - since >= fault.delay_s:
                 fault.at_records = last_records
                 self._inject(fault, driver)
                 last_fault, last_fault_at = fault, time.monotonic()
-                fault, progress_at = next(pending, None), None
+                fault, progress_at, started_at = next(pending, None), None, time.monotonic()
                 continue
             time.sleep(0.1)
         self.say(f"run complete after {sum(f.injected for f in self.plan)} faults and {resumes} "
@@ -383,7 +392,7 @@ class Campaign:
         from mbpo_core.storage import open_store, split_uri
 
         self._recover_stack()
-        synced = _must(mbpo("sync", self.run_url), "mbpo sync").stdout.strip()
+        synced = _must(mbpo("sync", self.run_url), "mbpo sync").stdout.strip().splitlines()[-1]
         self.say(synced)
         got = json.loads((self.out / "summary.json").read_text())
         want = json.loads((self.workdir / "reference" / "summary.json").read_text())

@@ -99,7 +99,8 @@ def _tracker(run: RunStore, info: dict[str, Any] | None = None):  # noqa: ANN202
     from mbpo_core.tracking import PENDING_DIR, Tracker
 
     # kept in the run's store while MLflow is down: the next step (or `mbpo sync`) sends them
-    return Tracker(tracking["uri"], tracking["run_id"], pending=run.store.child(PENDING_DIR))
+    return Tracker(tracking["uri"], tracking["run_id"], pending=run.store.child(PENDING_DIR),
+                   strict=True)
 
 
 def _finish(run: RunStore, step: str, round_index: int, env_steps: int, metrics: dict[str, float],

@@ -151,14 +151,18 @@ class Tracker:
     """Logs into one MLflow run by id; every call is best effort (see the module docstring).
 
     ``pending``: where metrics wait while the server is down (``None``: they are lost, and the
-    log says so).
+    log says so). ``strict``: a record that can be neither sent nor kept raises, instead of being
+    logged as lost: a pipeline step then fails before its record is written, and its redo sends
+    the metrics again (the fault campaign found a SeaweedFS restarting during a `stack down`/`up`
+    refusing the keep while the step's own writes, a moment later, succeeded).
     """
 
     def __init__(self, tracking_uri: str, run_id: str, pending: ObjectStore | None = None,
-                 retry_s: float | None = None) -> None:
+                 retry_s: float | None = None, strict: bool = False) -> None:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri, self.run_id, self.pending = tracking_uri, run_id, pending
+        self.strict = strict
         self.client = MlflowClient(tracking_uri)
         self.retry_s = float(os.environ.get("MBPO_TRACKING_RETRY_S", "30")) if retry_s is None \
             else retry_s
@@ -247,7 +251,9 @@ class Tracker:
         body = "".join(json.dumps(r) + "\n" for r in records).encode()
         try:
             self.pending.put(f"{time.time_ns():020d}-{os.getpid()}.jsonl", body)
-        except Exception as e:  # the store failing too must not stop training either
+        except Exception as e:  # in-process training goes on; a pipeline step fails (strict)
+            if self.strict:
+                raise
             log.error("could not keep %d tracking records in %s: %s", len(records),
                       self.pending.url, e)
 
