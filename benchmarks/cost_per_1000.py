@@ -90,7 +90,7 @@ def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
     t["collect"] = time.perf_counter() - start
     real.add_rows(rows[-STEPS_PER_ROUND:])  # the same new steps for every variant
     start = time.perf_counter()
-    epochs = fit_ensemble(dyn, real).epochs
+    fitted = fit_ensemble(dyn, real)
     t["fit_ensemble"] = time.perf_counter() - start
     start = time.perf_counter()
     dream = imagine(cfg, dyn, agent.actor, real, k, g)
@@ -101,11 +101,14 @@ def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
     scale = 1 if full_sac else 10
     update_sac(cfg, agent, real, model, 20)  # warm-up
     start = time.perf_counter()
-    update_sac(cfg, agent, real, model, n_updates // scale)
+    sac_stats = update_sac(cfg, agent, real, model, n_updates // scale)
     t["update_sac"] = (time.perf_counter() - start) * scale
     per_round = sum(t.values())
-    return {"s_per_1000": per_round * 1000 / STEPS_PER_ROUND, "round_s": t, "fit_epochs": epochs,
-            "rollout_length": k, "real": rows.shape[0]}
+    # the same data and warm start for every variant: the fit's holdout error and SAC's losses
+    # show what bf16 products change
+    return {"s_per_1000": per_round * 1000 / STEPS_PER_ROUND, "round_s": t,
+            "fit_epochs": fitted.epochs, "elite_holdout_mse": fitted.elite_holdout_mse,
+            "sac": sac_stats, "rollout_length": k, "real": rows.shape[0]}
 
 
 def main() -> None:
@@ -140,7 +143,8 @@ def main() -> None:
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 results.setdefault(str(size), {}).setdefault(name, []).append(r)
                 print(f"{size:>7} {name:<7} {r['s_per_1000']:7.0f} s/1000 steps  (k={r['rollout_length']}, "
-                      f"fit {r['fit_epochs']} epochs; " + ", ".join(
+                      f"fit {r['fit_epochs']} epochs, holdout mse {r['elite_holdout_mse']:.4f}, "
+                      f"critic loss {r['sac']['critic_loss']:.3f}; " + ", ".join(
                           f"{k} {v:.1f}" for k, v in r["round_s"].items()) + ")", flush=True)
     print("\nmedians, s per 1,000 env steps:")
     for size, by in results.items():

@@ -310,7 +310,10 @@ class Campaign:
 
     def _note_failure(self, rc: int, fault: Fault | None) -> None:
         text = (self.logs / f"driver-{len(self.drivers) - 1}.log").read_text(errors="replace")
-        clear = rc < 0 or (f"--resume-from {self.run_url}" in text and "Traceback" not in
+        # a failed run names its resume command; a resume that could not start (its store
+        # down) says to bring the stack up and run it again
+        advice = f"--resume-from {self.run_url}" in text or "run this command again" in text
+        clear = rc < 0 or (advice and "Traceback" not in
                            text.split("finished with status", 1)[-1])
         self.say(f"driver exited {rc}; {'clear' if clear else 'UNCLEAR'} failure")
         if fault is not None:

@@ -9,6 +9,11 @@ failures look exactly as if the step had run in the task's own process.
 
 Without ``MBPO_STEP_SERVER`` in the environment (every cluster pod) a step runs in-process. The
 server parent never runs torch code itself, so every child starts from the same clean state.
+
+A step of a local run dies with its run: the task process ends when the driver (``mbpo run``,
+named by ``MBPO_DRIVER_PID``) is gone, and the forked child ends when its task process is. So a
+killed run leaves no step behind that would go on writing the run's records and shards while a
+resumed run redoes the same step (the fault campaign found such orphans).
 """
 
 import importlib
@@ -20,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +33,7 @@ from types import SimpleNamespace
 from typing import Any
 
 SERVER_ENV = "MBPO_STEP_SERVER"
+DRIVER_ENV = "MBPO_DRIVER_PID"
 _ARTIFACT = "__artifact__"
 _METRICS = "__metrics__"
 
@@ -76,8 +83,39 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _exit_with_driver(poll_s: float = 0.5) -> None:
+    """End this task process as soon as the local run's driver is gone (killed)."""
+    pid = int(os.environ.get(DRIVER_ENV) or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(137)
+            except PermissionError:  # alive, another user's: cannot be ours, stop watching
+                return
+            time.sleep(poll_s)
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
+def _exit_with_client(conn: socket.socket) -> None:
+    """In a forked child: end it when its task process closes the connection (killed)."""
+    def watch() -> None:
+        try:
+            while conn.recv(1):  # the task sends nothing after its request: b"" is its end
+                pass
+        except OSError:
+            pass
+        os._exit(137)
+    threading.Thread(target=watch, name="client-watch", daemon=True).start()
+
+
 def run_step(op: str, **kwargs: Any) -> Any:
     """Run ``components.ops.<op>(**kwargs)``: on the warm server if one is set, else here."""
+    _exit_with_driver()
     address = os.environ.get(SERVER_ENV)
     if not address:
         return getattr(importlib.import_module("components.ops"), op)(**kwargs)
@@ -120,6 +158,7 @@ def _decode(value: Any, recorders: dict[str, _Recorder], name: str) -> Any:
 def _serve_one(conn: socket.socket) -> None:
     """In the forked child: adopt the task's stdio and environment, run the step, reply."""
     request, fds = _recv(conn, with_fds=2)
+    _exit_with_client(conn)
     for fd, target in zip(fds, (1, 2)):
         os.dup2(fd, target)
         os.close(fd)

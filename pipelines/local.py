@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -63,7 +64,7 @@ def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, w
          ) -> dict[str, Any]:
     from kfp import local
 
-    from components.worker import StepServer
+    from components.worker import DRIVER_ENV, StepServer
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_url": run.run_url}, indent=1))
@@ -79,6 +80,8 @@ def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, w
     # the log grows over resumes: only what this run writes can name its failure's cause
     log_start = log_path.stat().st_size if log_path.is_file() else 0
     with contextlib.ExitStack() as stack:
+        if docker is None:  # task processes end when this driver does (not seen from containers)
+            stack.enter_context(_environ(DRIVER_ENV, str(os.getpid())))
         if warm_workers:
             stack.enter_context(StepServer())
         if docker is not None:
@@ -98,6 +101,19 @@ def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, w
     shutil.rmtree(root / ".tmp", ignore_errors=True)
     _report_pending(run)
     return result
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str):  # noqa: ANN202 (a context manager)
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _report_pending(run: TrainingRun) -> None:

@@ -32,3 +32,54 @@ def test_step_server_runs_steps_and_reports_failures(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b").read_text()) == here == json.loads((tmp_path / "d").read_text())
     assert here["seed"] == 4 and here["sac"]["hidden_size"] == 64
     assert not (tmp_path / "c").exists()
+
+
+def _session(sid: int) -> list[int]:
+    from pathlib import Path
+
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_killed_driver_leaves_no_step_running(tmp_path, warm):
+    """SIGKILL of `mbpo run` alone (as the OOM killer does): its task process, and the warm
+    worker's child running the step, end within seconds instead of writing on into the store
+    while a resumed run redoes the same step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mbpo_core.runstore import RunStore
+    from tests.conftest import TINY
+
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--env", "InvertedPendulum-v5",
+           "--total-steps", "200", "--out", str(tmp_path / "out"), "--store", str(store),
+           "--run-name", "orphans", "--no-progress", "--no-tracking", "--set", *TINY,
+           "sac.updates_per_step=400"] + ([] if warm else ["--no-warm-workers"])
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
+    run = RunStore(f"file://{store}/runs/orphans")
+    deadline = time.monotonic() + 300
+    while not run.store.exists("rounds/000000/imagine.json"):  # a long update_sac is next
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    assert len(_session(driver.pid)) > 1, "a step should be running beside the driver"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 4  # the step itself would run for tens of seconds more
+    while (left := _session(driver.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left]

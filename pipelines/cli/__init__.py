@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StorageError as e:
         print(f"mbpo: storage error: {e}", file=sys.stderr)
+        if getattr(args, "stack", None):
+            print(f"mbpo: is the local stack down? `mbpo stack status --dir {args.stack}` says; "
+                  f"`mbpo stack up --dir {args.stack}` brings it back; then run this command "
+                  "again", file=sys.stderr)
         return 3
     except ValueError as e:  # mbpo_core.state.StateError (not imported here: it pulls in torch)
         if type(e).__name__ != "StateError":
