@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -91,7 +92,7 @@ def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, w
         if not verbose:
             log.info("task logs: %s", log_path)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
-                open(log_path, "a", buffering=1))))
+                _TaskLog(log_path))))
         stack.enter_context(_Progress(run, enabled=progress))
         _chain(run, rounds_per_run, root, keep_artifacts, {"image": image} if image else {},
                None if verbose else (log_path, log_start))
@@ -101,6 +102,42 @@ def _run(run: TrainingRun, out: Path, rounds_per_run: int, root: Path, docker, w
     shutil.rmtree(root / ".tmp", ignore_errors=True)
     _report_pending(run)
     return result
+
+
+class _TaskLog(io.TextIOBase):
+    """OUT/pipeline.log, where kfp.local's task logs go. On a full disk it stops writing instead
+    of turning every log line into a "--- Logging error ---" traceback on the console; the run
+    then fails at its next artifact write, with the message of :func:`run_local`."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (closed by __exit__)
+        self.full = False
+
+    def _guard(self, fn, default):  # noqa: ANN001, ANN202
+        if self.full:
+            return default
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.full = True
+            return default
+
+    def write(self, text: str) -> int:
+        return self._guard(lambda: self.file.write(text), len(text))
+
+    def flush(self) -> None:
+        if not self.file.closed:
+            self._guard(self.file.flush, None)
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self._guard(self.file.close, None)
+        super().close()
 
 
 @contextlib.contextmanager
