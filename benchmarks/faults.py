@@ -94,7 +94,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _session_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[int]:
     """Processes still in a driver's session (orphans outlive a driver killed alone)."""
     members = []
     for entry in Path("/proc").iterdir():
@@ -357,7 +357,7 @@ class Campaign:
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait()
             time.sleep(2.0)
-            orphans = [p for p in _session_members(driver.pid)]
+            orphans = [p for p in session_members(driver.pid)]
             fault.detail = f"driver pid {driver.pid}; {len(orphans)} process(es) of its " \
                            f"session alive 2 s later"
         elif kind == "stack_cycle":
@@ -429,7 +429,7 @@ class Campaign:
         repeated = sum(len(h) - len({m.step for m in h}) for h in histories.values())
         versions = client.search_model_versions(f"name = '{MODEL}'")
         pending = [k for k in open_store(f"{self.run_url}/tracking-pending").list()]
-        leftover = [p for d in self.drivers for p in _session_members(d.pid)]
+        leftover = [p for d in self.drivers for p in session_members(d.pid)]
         return {
             "faults_planned": len(self.plan),
             "faults_injected": sum(f.injected for f in self.plan),

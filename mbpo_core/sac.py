@@ -101,8 +101,9 @@ class SAC(nn.Module):
                  device: str | torch.device = "cpu", compile: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        # the training actor and critics multiply in cfg.precision; a saved or evaluated policy
-        # (cpu_actor) runs in fp32 from the same fp32 weights
+        # the training actor and critics (which also act in collect, imagine and evaluate) multiply
+        # in cfg.precision; a saved, logged or rendered policy (cpu_actor) runs in fp32 from the
+        # same fp32 weights
         self.actor = Actor(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers, generator,
                            cfg.precision)
         self.critic = TwinCritic(obs_dim, act_dim, cfg.hidden_size, cfg.num_hidden_layers,

@@ -87,31 +87,39 @@ def _history(client, run_id: str, key: str = "eval/return_mean") -> list[tuple[i
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_mlflow_server_lost_mid_run_training_goes_on_and_loses_no_metrics(tmp_path, live_stack):
+def _started_tracked(cmd: list[str], log_file, mlflow_uri: str, experiment: str):
+    """Start a tracked `mbpo` command; return it, the client and its MLflow run id once the
+    first metrics are in MLflow."""
     from mlflow.tracking import MlflowClient
 
+    with log_file.open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                env=os.environ | {"PYTHONPATH": os.getcwd(),
+                                                  "MBPO_TRACKING_RETRY_S": "1"})
+    client = MlflowClient(mlflow_uri)
+
+    def first_run():  # noqa: ANN202
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs[0] if runs and runs[0].data.metrics else None
+
+    def logging_started() -> bool:
+        try:
+            return first_run() is not None
+        except Exception:
+            return False
+    _wait(logging_started, "the first metrics in MLflow", proc)
+    return proc, client, first_run().info.run_id
+
+
+def test_mlflow_server_lost_mid_run_training_goes_on_and_loses_no_metrics(tmp_path, live_stack):
     directory, info = live_stack
     out = tmp_path / "train"
     cmd = [sys.executable, "-m", "pipelines.cli", "train", "--env", ENV, "--total-steps",
            "600", "--out", str(out), "--no-progress", "--stack", str(directory),
            "--experiment", "faults", "--registered-model", "faults-policy", "--set", *TINY]
     log_file = tmp_path / "train.log"
-    with log_file.open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                env=os.environ | {"PYTHONPATH": os.getcwd(),
-                                                  "MBPO_TRACKING_RETRY_S": "1"})
-    client = MlflowClient(info.mlflow_uri)
-
-    def logging_started() -> bool:
-        try:
-            exp = client.get_experiment_by_name("faults")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            return bool(runs and runs[0].data.metrics)
-        except Exception:
-            return False
-    _wait(logging_started, "the first metrics in MLflow", proc)
-    run_id = client.search_runs([client.get_experiment_by_name("faults").experiment_id])[0] \
-        .info.run_id
+    proc, client, run_id = _started_tracked(cmd, log_file, info.mlflow_uri, "faults")
     os.killpg(info.mlflow_pid, signal.SIGKILL)  # the tracking server dies mid-run ...
     pending = out / "tracking-pending"
     _wait(lambda: any(pending.glob("*.jsonl")), "metrics kept while MLflow is down", proc)
@@ -218,7 +226,6 @@ def test_mlflow_down_across_real_pipeline_steps_then_mbpo_sync_sends_everything(
     import mlflow
     import numpy as np
     import torch
-    from mlflow.tracking import MlflowClient
 
     from mbpo_core.tracking import PENDING_DIR
 
@@ -229,22 +236,7 @@ def test_mlflow_down_across_real_pipeline_steps_then_mbpo_sync_sends_everything(
            "--run-name", name, "--experiment", "steps-faults",
            "--registered-model", "steps-faults-policy", "--set", *TINY]
     log_file = tmp_path / "run.log"
-    with log_file.open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                env=os.environ | {"PYTHONPATH": os.getcwd(),
-                                                  "MBPO_TRACKING_RETRY_S": "1"})
-    client = MlflowClient(info.mlflow_uri)
-
-    def logging_started() -> bool:
-        try:
-            exp = client.get_experiment_by_name("steps-faults")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            return bool(runs and runs[0].data.metrics)
-        except Exception:
-            return False
-    _wait(logging_started, "the first metrics in MLflow", proc)
-    run_id = client.search_runs([client.get_experiment_by_name("steps-faults").experiment_id]
-                                )[0].info.run_id
+    proc, client, run_id = _started_tracked(cmd, log_file, info.mlflow_uri, "steps-faults")
     os.killpg(info.mlflow_pid, signal.SIGKILL)  # the tracking server dies and stays down
     proc.wait(timeout=600)
     err = log_file.read_text()

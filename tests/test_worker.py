@@ -34,21 +34,6 @@ def test_step_server_runs_steps_and_reports_failures(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()
 
 
-def _session(sid: int) -> list[int]:
-    from pathlib import Path
-
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                alive.append(int(entry.name))
-    return alive
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("warm", [True, False])
 def test_a_killed_driver_leaves_no_step_running(tmp_path, warm):
@@ -61,6 +46,7 @@ def test_a_killed_driver_leaves_no_step_running(tmp_path, warm):
     import sys
     import time
 
+    from benchmarks.faults import session_members as _session
     from mbpo_core.runstore import RunStore
     from tests.conftest import TINY
 
