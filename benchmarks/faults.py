@@ -289,7 +289,7 @@ class Campaign:
                 started_at, resumes = time.monotonic(), resumes + 1
                 progress_at = None
                 continue
-            if fault is not None and last_records >= fault.trigger and since is not None \
+            if fault is not None and last_records >= fault.trigger \
                     and time.monotonic() - since >= fault.delay_s:
                 fault.at_records = last_records
                 self._inject(fault, driver)
