@@ -71,10 +71,45 @@ class BatchedMLP(nn.Module):
         self.act = activation()
         self.precision = precision
 
+    def product_weights(self, device_type: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (weight, bias) in the dtype its product runs in: the hidden layers in the
+        precision's dtype, the output layer fp32.
+
+        A SAC update runs the same network over several batches; casting its weights once and
+        passing them to every pass (``forward(..., weights=)``) saves a cast per pass and layer.
+        In fp32 these are the parameters themselves."""
+        dtype = matmul_dtype(self.precision, device_type)
+        out = []
+        for i, layer in enumerate(self.layers):
+            w, b = layer.weight, layer.bias
+            if i < len(self.layers) - 1 and dtype != w.dtype:
+                w, b = w.to(dtype), b.to(dtype)
+            out.append((w, b))
+        return out
+
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
-                detach: bool = False) -> torch.Tensor:
-        """Hidden layers in the precision's dtype; the output layer, and what it returns, fp32."""
-        dtype = matmul_dtype(self.precision, x.device.type)
-        for layer in self.layers[:-1]:
-            x = self.act(layer(x, members, detach, dtype))
-        return self.layers[-1](x, members, detach, torch.float32)
+                detach: bool = False,
+                weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Hidden layers in the precision's dtype; the output layer, and what it returns, fp32.
+
+        ``weights``: :meth:`product_weights`, when the caller runs several passes on them."""
+        if weights is None:
+            weights = self.product_weights(x.device.type)
+        last = len(weights) - 1
+        for i, (w, b) in enumerate(weights):
+            if detach:
+                w, b = w.detach(), b.detach()
+            if members is not None:
+                w, b = w[members], b[members]
+            if i == last and w.shape[-1] == 1:
+                # a single output (a Q value): as a product (N = 1) it runs as a slow batched
+                # GEMV, and its input gradient as a slow K = 1 outer product; as a multiply and a
+                # sum (in fp32, as the output layer always is) both take a fraction of that
+                x = (x * w.transpose(-1, -2)).sum(-1, keepdim=True) + b
+                break
+            if x.dtype != w.dtype:
+                x = x.to(w.dtype)
+            x = torch.baddbmm(b, x, w)
+            if i < last:
+                x = self.act(x)
+        return x

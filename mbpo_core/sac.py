@@ -19,6 +19,7 @@ from .config import SACConfig
 from .nets import BatchedMLP
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+Weights = list[tuple[torch.Tensor, torch.Tensor]]
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG2 = math.log(2.0)
 
@@ -33,16 +34,19 @@ class Actor(nn.Module):
         for layer in self.net.layers:
             layer.reset_glorot_uniform(generator)
 
-    def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.net(obs.unsqueeze(0))[0].chunk(2, dim=-1)
+    def dist_params(self, obs: torch.Tensor, weights: Weights | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs.unsqueeze(0), weights=weights)[0].chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None,
-               eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               eps: torch.Tensor | None = None, weights: Weights | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized tanh-Gaussian action in [-1, 1] and its log-probability.
 
-        The standard-normal noise comes from ``generator``, or is given as ``eps``."""
-        mean, log_std = self.dist_params(obs)
+        The standard-normal noise comes from ``generator``, or is given as ``eps``; ``weights``
+        are the net's :meth:`~BatchedMLP.product_weights` when the caller casts them once."""
+        mean, log_std = self.dist_params(obs, weights)
         if eps is None:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device,
                               dtype=mean.dtype)
@@ -90,10 +94,12 @@ class TwinCritic(nn.Module):
         for layer in self.net.layers:
             layer.reset_glorot_uniform(generator)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False,
+                weights: Weights | None = None) -> torch.Tensor:
         """Both Q values, [2, B]; ``detach`` lets gradients reach the action but not the weights."""
         x = torch.cat([obs, act], dim=-1)
-        return self.net(x.unsqueeze(0).expand(2, -1, -1), detach=detach).squeeze(-1)
+        return self.net(x.unsqueeze(0).expand(2, -1, -1), detach=detach,
+                        weights=weights).squeeze(-1)
 
 
 class SAC(nn.Module):
@@ -126,23 +132,25 @@ class SAC(nn.Module):
 
     def _critic_loss(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor,
                      next_obs: torch.Tensor, done: torch.Tensor, eps: torch.Tensor,
-                     alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     alpha: torch.Tensor, actor_w: Weights | None = None,
+                     critic_w: Weights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Twin-critic soft Bellman loss (0.5 MSE each) and the mean Q."""
         with torch.no_grad():
-            next_act, next_logp = self.actor.sample(next_obs, eps=eps)
+            next_act, next_logp = self.actor.sample(next_obs, eps=eps, weights=actor_w)
             q_next = self.critic_target(next_obs, next_act).min(0).values - alpha * next_logp
             target = rew + self.cfg.gamma * (1.0 - done) * q_next
-        q = self.critic(obs, act)
+        q = self.critic(obs, act, weights=critic_w)
         return 0.5 * (q - target).pow(2).mean(1).sum(), q.detach().mean()
 
-    def _policy_loss(self, obs: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor
+    def _policy_loss(self, obs: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor,
+                     actor_w: Weights | None = None, critic_w: Weights | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actor + temperature loss, the actor loss alone, and the policy entropy estimate.
 
         Q of the policy's action uses the critic weights as constants: the actor loss moves only
         the actor, so one backward pass over a sum of losses gives every gradient."""
-        new_act, logp = self.actor.sample(obs, eps=eps)
-        q_pi = self.critic(obs, new_act, detach=True).min(0).values
+        new_act, logp = self.actor.sample(obs, eps=eps, weights=actor_w)
+        q_pi = self.critic(obs, new_act, detach=True, weights=critic_w).min(0).values
         actor_loss = (alpha * logp - q_pi).mean()
         alpha_loss = -(self.log_alpha * (logp.detach() + self.cfg.target_entropy)).mean()
         return actor_loss + alpha_loss, actor_loss.detach(), -logp.detach().mean()
@@ -152,9 +160,15 @@ class SAC(nn.Module):
                 alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All losses at the current parameters (softlearning's simultaneous update), summed,
         and the stats [critic, actor, alpha, entropy, Q]. A pure function of its tensors (the
-        policy noise ``eps [2, B, A]`` comes in), so it can be compiled."""
-        critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0], alpha)
-        policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1], alpha)
+        policy noise ``eps [2, B, A]`` comes in), so it can be compiled. The actor's and the
+        critic's weights are cast to the product dtype once, for both losses' passes."""
+        device = obs.device.type
+        actor_w = self.actor.net.product_weights(device)
+        critic_w = self.critic.net.product_weights(device)
+        critic_loss, q_mean = self._critic_loss(obs, act, rew, next_obs, done, eps[0], alpha,
+                                                actor_w, critic_w)
+        policy_loss, actor_loss, entropy = self._policy_loss(obs, eps[1], alpha, actor_w,
+                                                             critic_w)
         stats = torch.stack([critic_loss.detach(), actor_loss, alpha, entropy, q_mean])
         return critic_loss + policy_loss, stats
 

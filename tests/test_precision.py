@@ -123,3 +123,44 @@ def test_ensemble_in_bf16_fits_about_as_well_as_fp32():
         res = fit(model, make_optimizer(model), x, y, torch.Generator().manual_seed(5))
         mse[prec] = res.elite_holdout_mse
     assert mse["bf16"] < 1.25 * mse["fp32"], mse
+
+
+@pytest.mark.parametrize("prec", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_weights_cast_once_give_the_same_passes_and_gradients(prec):
+    """A SAC update casts each net's weights once and runs several passes on them: the results
+    and the weights' gradients are those of passes that each cast for themselves."""
+    _, net = _pair(prec)
+    x1, x2 = torch.randn(2, 64, 12), torch.randn(2, 64, 12)
+    (net(x1).sum() + net(x2, detach=True).pow(2).sum()).backward()
+    each = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    w = net.product_weights("cpu")
+    assert (w[0][0].dtype == torch.bfloat16) == (prec == "bf16") and w[-1][0].dtype == torch.float32
+    y1, y2 = net(x1, weights=w), net(x2, detach=True, weights=w)
+    assert torch.equal(y1, net(x1)) and torch.equal(y2, net(x2))
+    (y1.sum() + y2.pow(2).sum()).backward()
+    for a, b in zip(each, (p.grad for p in net.parameters())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("prec", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_a_single_output_runs_as_multiply_and_sum_with_the_product_s_values(prec):
+    """Q heads (one output) skip the batched GEMV: same values and gradients as the product,
+    up to fp32 rounding, and the output stays fp32."""
+    net = BatchedMLP(2, 14, 1, 64, 2, nn.ReLU, prec)
+    for layer in net.layers:
+        layer.reset_glorot_uniform(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net.layers[-1].bias.fill_(0.3)
+    x = torch.randn(2, 128, 14)
+    hidden = x
+    for w, b in net.product_weights("cpu")[:-1]:
+        hidden = net.act(torch.baddbmm(b, hidden.to(w.dtype), w))
+    last = net.layers[-1]
+    ref = torch.baddbmm(last.bias, hidden.float(), last.weight)
+    y = net(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 128, 1)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), last.weight)[0]
+    g = torch.autograd.grad(y.pow(2).sum(), last.weight)[0]
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-4)
