@@ -145,7 +145,7 @@ class Dynamics:
                         device: str | torch.device = "cpu") -> Dynamics:
         d = cls(cfg, device)
         d.model.load_state_dict(state["model"])
-        d.optimizer.load_state_dict(state["optimizer"])
+        ens.load_optimizer_state(d.optimizer, d.model, state["optimizer"])
         d.generator = generator_from_state(state["generator"], device)
         return d
 
