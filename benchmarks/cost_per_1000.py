@@ -5,8 +5,8 @@ transitions in the buffer: fp32, bf16, and the code of an earlier commit, in tur
     OMP_NUM_THREADS=2 python benchmarks/cost_per_1000.py --before /tmp/mbpo-before
 
 One round (250 env steps) is timed and scaled to 1,000 steps: collecting the steps, the ensemble
-fit to early stopping on all real data, warm-started from a fit on the data without the new
-steps (weights and Adam moments, as in a run), the rollouts at that stage's length (k = 1 at 20k,
+fit to early stopping on all real data, warm-started from a fit to early stopping on the data
+without the new steps (weights and Adam moments, as in a run), the rollouts at that stage's length (k = 1 at 20k,
 5 at 50k, 14 at 100k: the original's schedule for Hopper), and the SAC updates (20 per step; a
 tenth of them is run and scaled unless --full-sac). Each variant runs in its own process on the
 same data and the same warm start; the data are uniform-random-policy Hopper transitions (the
@@ -29,15 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_ROUND = 250
 
 
-def prepare(size: int, folder: Path) -> Path:
-    """``size`` real transitions and an ensemble fitted on all but the last round's, saved."""
+def prepare(size: int, folder: Path, warm_epochs: int) -> Path:
+    """``size`` real transitions and an ensemble fitted on all but the last round's, saved.
+
+    The warm start is fitted to early stopping (``warm_epochs`` = 0), as the previous round's
+    fit in a run would have been; a cap makes it cheaper but leaves the timed fit more to do."""
 
     from mbpo_core.buffer import ReplayBuffer
     from mbpo_core.config import make_config
     from mbpo_core.state import save_state
     from mbpo_core.steps import Collector, Dynamics, collect, fit_ensemble
 
-    path = folder / f"hopper-{size}.pt"
+    path = folder / f"hopper-{size}-warm{warm_epochs or 'stop'}.pt"
     if path.exists():
         return path
     cfg = make_config("Hopper-v5", seed=0)
@@ -45,15 +48,30 @@ def prepare(size: int, folder: Path) -> Path:
     rows = collect(col, None, size).rows
     real = ReplayBuffer(cfg.real_buffer_size, 11, 3)
     real.add_rows(rows[:-STEPS_PER_ROUND])
-    # the warm start: a fit capped at 40 epochs (one to early stopping on random-policy data
-    # took 200 epochs, 197 s, at 20k); the timed fit then runs to early stopping from there
-    dyn = Dynamics(make_config("Hopper-v5", ["ensemble.max_epochs=40"], seed=0))
+    # the warm start's own fit in bf16 where available: only its result matters here
+    dyn = Dynamics(make_config("Hopper-v5", [f"ensemble.max_epochs={warm_epochs}",
+                                             "ensemble.precision=bf16"], seed=0))
     started = time.perf_counter()
     res = fit_ensemble(dyn, real)
     print(f"  prepared {size}: warm-start fit {res.epochs} epochs, "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    save_state({"rows": rows, "dynamics": dyn.state_dict(), "collector": col.state_dict()}, path)
+    state = dyn.state_dict()
+    state["optimizer"] = single_group(dyn)
+    save_state({"rows": rows, "dynamics": state, "collector": col.state_dict()}, path)
     return path
+
+
+def single_group(dyn) -> dict:
+    """The ensemble's Adam state in the one-group layout of code before the weight decay moved
+    into Adam, which that code loads and this code converts back (ensemble.load_optimizer_state)."""
+    opt, params = dyn.optimizer, list(dyn.model.parameters())
+    flat = [q for g in opt.param_groups for q in g["params"]]
+    saved = opt.state_dict()
+    by_param = {id(q): saved["state"][j] for j, q in enumerate(flat) if j in saved["state"]}
+    group = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
+    group.update(weight_decay=0.0, params=list(range(len(params))))
+    return {"state": {i: by_param[id(q)] for i, q in enumerate(params) if id(q) in by_param},
+            "param_groups": [group]}
 
 
 def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
@@ -119,6 +137,8 @@ def main() -> None:
                    help="a checkout of the earlier code (git worktree), run as 'before'")
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 50_000, 100_000])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warm-epochs", type=int, default=0,
+                   help="cap on the warm start's fit (default 0: to early stopping, as in a run)")
     p.add_argument("--full-sac", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--worker", nargs=2, metavar=("DATA", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
@@ -133,7 +153,7 @@ def main() -> None:
         variants = {"before": (args.before.resolve(), [])} | variants
     results: dict = {}
     for size in args.sizes:
-        data = prepare(size, args.out.resolve())
+        data = prepare(size, args.out.resolve(), args.warm_epochs)
         for _ in range(args.repeats):
             for name, (code, overrides) in variants.items():
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(data),

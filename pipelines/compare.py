@@ -1,4 +1,5 @@
-"""`mbpo runs` and `mbpo compare`: runs from MLflow as a table, and learning curves side by side."""
+"""`mbpo runs` and `mbpo compare`: runs from MLflow as a table, and learning curves side by side
+(from MLflow, or from runs' --out folders)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,33 @@ def format_table(rows: list[dict]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
                      + [fmt.format(*line) for line in lines])
+
+
+def local_curve(folder: Path) -> tuple[str, list[tuple[int, float]]]:
+    """(label, [(env steps, eval return)]) of a run's --out folder: its summary.json when the run
+    is done, else the rounds its store holds so far (a run still going, or stopped)."""
+    import json
+
+    summary, config = folder / "summary.json", folder / "config.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        if "seeds" in s:  # `mbpo run --seeds`: the mean over the seeds
+            env, seed = s["runs"][0]["env"], "mean of " + " ".join(map(str, s["seeds"]))
+        else:
+            env, seed = s["env"], s.get("seed", "?")
+        curve = s["curve"]
+    elif (folder / "run.json").is_file() and config.is_file():
+        from mbpo_core.runstore import RunStore
+
+        c = json.loads(config.read_text())
+        env, seed = c["env"], c["seed"]
+        curve = RunStore(json.loads((folder / "run.json").read_text())["run_url"]).curve()
+    else:
+        from mbpo_core.config import ConfigError
+
+        raise ConfigError(f"{folder}: no summary.json, nor run.json and config.json; allowed: the "
+                          "--out folder of `mbpo train` or `mbpo run`, or an MLflow run id or name")
+    return f"{folder.name} ({env}, seed {seed})", [(int(p[0]), float(p[1])) for p in curve]
 
 
 def reference_curve(source: str, task: str) -> tuple[list[float], list[float], list[float]] | None:

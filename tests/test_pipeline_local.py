@@ -15,6 +15,7 @@ from mbpo_core.runstore import RunStore
 from mbpo_core.shards import ShardManifest
 from mbpo_core.storage import open_store, split_uri
 from pipelines.cli import main
+from pipelines.compare import local_curve
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -100,10 +101,19 @@ def test_resume_after_a_killed_run_loses_and_duplicates_nothing(tmp_path):
     proc.wait()
     assert RunStore(run_url).complete_rounds() in ([0, 1], [0, 1, 2])
     assert not (out / "summary.json").exists()
+    # `mbpo compare` draws a stopped run from its --out folder: the rounds it has done
+    label, partial = local_curve(out)
+    assert label == f"pipeline ({ENV}, seed 2)"
+    assert partial == [(int(s), m) for s, m, _ in RunStore(run_url).curve()] and len(partial) >= 2
+    assert main(["compare", str(out), "-o", str(tmp_path / "partial.png")]) == 0
+    assert (tmp_path / "partial.png").stat().st_size > 0
 
     assert main(["run", "--resume-from", str(out), "--out", str(out)]) == 0
-    _assert_same_run(out, _train(tmp_path, 250, 2))
+    train = _train(tmp_path, 250, 2)
+    _assert_same_run(out, train)
     assert_every_shard_once(run_url, [100, 50, 50, 50])
+    assert local_curve(out)[1] == local_curve(train["out"])[1]
+    assert local_curve(out)[1][:len(partial)] == partial
 
 
 def assert_every_shard_once(run_url: str, rows: list[int]) -> None:

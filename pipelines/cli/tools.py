@@ -33,7 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ru.set_defaults(func=cmd_runs, no_tracking=False)
 
     cp = sub.add_parser("compare", help="plot runs' learning curves side by side")
-    cp.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids or run names")
+    cp.add_argument("runs", nargs="+", metavar="RUN",
+                    help="MLflow run ids or run names, or --out folders of `mbpo train` / `mbpo "
+                         "run` (a run still going shows the rounds it has done)")
     cp.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     cp.add_argument("--reference", nargs="*", default=[], choices=["mbpo", "sac"],
                     help="also plot published curves (mean +- std over seeds) for the runs' task")
@@ -122,11 +124,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mbpo_core.tracking import eval_curve
 
-    from ..compare import plot_curves
+    from ..compare import local_curve, plot_curves
 
     _use_stack(args)
-    uri = _tracking_uri(args, local=True)
-    curves = [eval_curve(uri, ref, args.experiment) for ref in args.runs]
+    uri = None
+    curves = []
+    for ref in args.runs:
+        if Path(ref).is_dir():
+            curves.append(local_curve(Path(ref)))
+        else:
+            uri = uri or _tracking_uri(args, local=True)
+            curves.append(eval_curve(uri, ref, args.experiment))
     tasks = {label.split("(")[-1].split(",")[0] for label, _ in curves}
     task = tasks.pop() if len(tasks) == 1 else None
     if args.reference and task is None:
