@@ -2,16 +2,23 @@
 transitions in the buffer: fp32, bf16, and the code of an earlier commit, in turns in one run.
 
     git worktree add /tmp/mbpo-before <commit>      # the code to compare against
-    OMP_NUM_THREADS=2 python benchmarks/cost_per_1000.py --before /tmp/mbpo-before
+    OMP_NUM_THREADS=2 python benchmarks/cost_per_1000.py --before /tmp/mbpo-before \
+        --warm-epochs 40 --fit-epochs 10 --round-epochs 25
 
 One round (250 env steps) is timed and scaled to 1,000 steps: collecting the steps, the ensemble
-fit to early stopping on all real data, warm-started from a fit to early stopping on the data
-without the new steps (weights and Adam moments, as in a run), the rollouts at that stage's length (k = 1 at 20k,
-5 at 50k, 14 at 100k: the original's schedule for Hopper), and the SAC updates (20 per step; a
+fit on all real data, warm-started from a fit on the data without the new steps (weights and
+Adam moments, as in a run), the rollouts at that stage's length (k = 1 at 20k, 3 at 50k, 9 at
+100k: the original's Hopper schedule [20, 150, 1, 15]), and the SAC updates (20 per step; a
 tenth of them is run and scaled unless --full-sac). Each variant runs in its own process on the
-same data and the same warm start; the data are uniform-random-policy Hopper transitions (the
-cost of a fit depends on its epochs to early stopping, which these data may not match exactly).
-Run nothing else meanwhile.
+same data and the same warm start. Run nothing else meanwhile.
+
+The data are uniform-random-policy Hopper transitions, on which a fit keeps improving for far
+longer than in a run: a run's fits on Hopper stop after a median of about 25 epochs once past
+its first few rounds, while a fit to early stopping on 100k random-policy transitions takes
+hundreds. By default the timed fit runs to early stopping from a warm start fitted to early
+stopping; ``--fit-epochs 10 --round-epochs 25`` instead times 10 epochs of each variant from the
+same warm start (capped at ``--warm-epochs``) and counts a round's fit as 25 epochs at that
+speed: the cost of a run's fit at each variant's measured speed.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def single_group(dyn) -> dict:
             "param_groups": [group]}
 
 
-def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
+def worker(data: Path, overrides: list[str], full_sac: bool, fit_epochs: int) -> dict:
     """One timed round in this process (which may import an earlier commit's code)."""
     import torch
 
@@ -98,9 +105,12 @@ def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
     state = load_state(data)
     rows = state["rows"]
     cfg = make_config("Hopper-v5", overrides, seed=0)
+    fit_cfg = cfg if not fit_epochs else make_config(
+        "Hopper-v5", [*overrides, f"ensemble.max_epochs={fit_epochs}",
+                      f"ensemble.patience={fit_epochs}"], seed=0)
     real = ReplayBuffer(cfg.real_buffer_size, 11, 3)
     real.add_rows(rows[:-STEPS_PER_ROUND])
-    dyn = Dynamics.from_state_dict(cfg, state["dynamics"])
+    dyn = Dynamics.from_state_dict(fit_cfg, state["dynamics"])
     col = Collector.from_state_dict(cfg, state["collector"])
     agent, g = Agent(cfg), make_generator(1)
     k = cfg.rollout_length(rows.shape[0])
@@ -127,6 +137,7 @@ def worker(data: Path, overrides: list[str], full_sac: bool) -> dict:
     # the same data and warm start for every variant: the fit's holdout error and SAC's losses
     # show what bf16 products change
     return {"s_per_1000": per_round * 1000 / STEPS_PER_ROUND, "round_s": t,
+            "fit_s_per_epoch": t["fit_ensemble"] / fitted.epochs,
             "fit_epochs": fitted.epochs, "elite_holdout_mse": fitted.elite_holdout_mse,
             "sac": sac_stats, "rollout_length": k, "real": rows.shape[0]}
 
@@ -140,11 +151,18 @@ def main() -> None:
     p.add_argument("--warm-epochs", type=int, default=0,
                    help="cap on the warm start's fit (default 0: to early stopping, as in a run)")
     p.add_argument("--full-sac", action="store_true")
+    p.add_argument("--fit-epochs", type=int, default=0,
+                   help="time this many fit epochs (no early stop) instead of a fit to early "
+                        "stopping; with --round-epochs the round's fit is scaled to that count")
+    p.add_argument("--round-epochs", type=float, default=0,
+                   help="epochs to early stopping of a fit in a run at this stage, to scale the "
+                        "timed epochs to (see the module docstring)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--worker", nargs=2, metavar=("DATA", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(Path(args.worker[0]), json.loads(args.worker[1]), args.full_sac)))
+        print(json.dumps(worker(Path(args.worker[0]), json.loads(args.worker[1]), args.full_sac,
+                                args.fit_epochs)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     variants = {"fp32": (REPO, []),
@@ -157,15 +175,21 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (code, overrides) in variants.items():
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(data),
-                       json.dumps(overrides)] + (["--full-sac"] if args.full_sac else [])
+                       json.dumps(overrides), "--fit-epochs", str(args.fit_epochs)] + (
+                           ["--full-sac"] if args.full_sac else [])
                 env = os.environ | {"PYTHONPATH": str(code)}
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
                 if done.returncode != 0:
                     raise RuntimeError(f"{name} at {size}: {done.stderr[-2000:]}")
                 r = json.loads(done.stdout.strip().splitlines()[-1])
+                if args.round_epochs:  # the fit of a run at this stage: its epochs, this speed
+                    fit_s = r["fit_s_per_epoch"] * args.round_epochs
+                    round_s = sum(r["round_s"].values()) - r["round_s"]["fit_ensemble"] + fit_s
+                    r["round_s"]["fit_ensemble"] = fit_s
+                    r["s_per_1000"] = round_s * 1000 / STEPS_PER_ROUND
                 results.setdefault(str(size), {}).setdefault(name, []).append(r)
                 print(f"{size:>7} {name:<7} {r['s_per_1000']:7.0f} s/1000 steps  (k={r['rollout_length']}, "
-                      f"fit {r['fit_epochs']} epochs, holdout mse {r['elite_holdout_mse']:.4f}, "
+                      f"fit {r['fit_epochs']} epochs at {r['fit_s_per_epoch']:.2f} s, holdout mse {r['elite_holdout_mse']:.4f}, "
                       f"critic loss {r['sac']['critic_loss']:.3f}; " + ", ".join(
                           f"{k} {v:.1f}" for k, v in r["round_s"].items()) + ")", flush=True)
     print("\nmedians, s per 1,000 env steps:")
