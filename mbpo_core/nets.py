@@ -15,6 +15,27 @@ from torch import nn
 from .precision import PRECISIONS, matmul_dtype
 
 
+def batched_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                   members: torch.Tensor | None = None, detach: bool = False) -> torch.Tensor:
+    """``x [E, B, in] @ w [E, in, out] + b [E, 1, out]``, the product in ``w``'s dtype.
+
+    With ``members`` (indices) only those members run (``x [len, B, in]``); ``detach`` uses the
+    weights as constants, so gradients flow to ``x`` only. Gradients reach fp32 weights through
+    any cast of ``w``, so they and the optimizer state stay fp32."""
+    if detach:
+        w, b = w.detach(), b.detach()
+    if members is not None:
+        w, b = w[members], b[members]
+    if w.shape[-1] == 1:
+        # a single output (a Q value): as a product (N = 1) it runs as a slow batched GEMV, and
+        # its input gradient as a slow K = 1 outer product; as a multiply and a sum both take a
+        # fraction of that (an x of lower precision meets fp32 weights by type promotion)
+        return (x * w.transpose(-1, -2)).sum(-1, keepdim=True) + b
+    if x.dtype != w.dtype:
+        x = x.to(w.dtype)
+    return torch.baddbmm(b, x, w)
+
+
 class BatchedLinear(nn.Module):
     def __init__(self, members: int, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -23,21 +44,12 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 detach: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x [E, B, in]``; with ``members`` (indices), only those members run: ``x [len, B, in]``.
-
-        ``detach`` uses the weights as constants: gradients flow to ``x`` only. ``dtype``: the
-        product's dtype (default the weights'); gradients reach the fp32 weights through the
-        casts, so they and the optimizer state stay fp32."""
+        """:func:`batched_linear` with this layer's weights, the product in ``dtype`` (default
+        the weights')."""
         w, b = self.weight, self.bias
-        if detach:
-            w, b = w.detach(), b.detach()
-        if members is not None:
-            w, b = w[members], b[members]
         if dtype is not None and dtype != w.dtype:
             w, b = w.to(dtype), b.to(dtype)
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
-        return torch.baddbmm(b, x, w)
+        return batched_linear(x, w, b, members, detach)
 
     def reset_glorot_uniform(self, generator: torch.Generator) -> None:
         """Glorot-uniform weights, bound sqrt(6 / (fan_in + fan_out)) per member, and zero
@@ -95,21 +107,6 @@ class BatchedMLP(nn.Module):
         ``weights``: :meth:`product_weights`, when the caller runs several passes on them."""
         if weights is None:
             weights = self.product_weights(x.device.type)
-        last = len(weights) - 1
-        for i, (w, b) in enumerate(weights):
-            if detach:
-                w, b = w.detach(), b.detach()
-            if members is not None:
-                w, b = w[members], b[members]
-            if i == last and w.shape[-1] == 1:
-                # a single output (a Q value): as a product (N = 1) it runs as a slow batched
-                # GEMV, and its input gradient as a slow K = 1 outer product; as a multiply and a
-                # sum (in fp32, as the output layer always is) both take a fraction of that
-                x = (x * w.transpose(-1, -2)).sum(-1, keepdim=True) + b
-                break
-            if x.dtype != w.dtype:
-                x = x.to(w.dtype)
-            x = torch.baddbmm(b, x, w)
-            if i < last:
-                x = self.act(x)
-        return x
+        for w, b in weights[:-1]:
+            x = self.act(batched_linear(x, w, b, members, detach))
+        return batched_linear(x, *weights[-1], members, detach)
