@@ -54,6 +54,7 @@ MAX_TOTAL_STEPS = 10**9  # exact in a KFP pipeline parameter (a double), far bey
 MAX_THREADS = 1024
 seed = _int_in(0, SEED_MAX)
 total_steps = _int_in(1, MAX_TOTAL_STEPS)
+env_steps = _int_in(0, MAX_TOTAL_STEPS)
 threads = _int_in(1, MAX_THREADS)
 
 

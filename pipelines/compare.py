@@ -50,8 +50,8 @@ def local_curve(folder: Path) -> tuple[str, list[tuple[int, float]]]:
     return f"{folder.name} ({env}, seed {seed})", [(int(p[0]), float(p[1])) for p in curve]
 
 
-def reference_curve(source: str, task: str) -> tuple[list[float], list[float], list[float]] | None:
-    """Mean and std over seeds of a published curve (see reference_curves/README.md), or None."""
+def _reference_seeds(source: str, task: str) -> list[list[tuple[float, float]]] | None:
+    """A published curve's (env steps, eval return) points per seed, or None (no such curve)."""
     name = task.split("-")[0] + ".csv"
     path = resources.files("pipelines") / "reference_curves" / source / name
     if not path.is_file():
@@ -60,11 +60,69 @@ def reference_curve(source: str, task: str) -> tuple[list[float], list[float], l
     with path.open() as f:
         for row in csv.DictReader(f):
             by_seed[row["seed"]].append((float(row["step"]), float(row["reward"])))
+    return [sorted(points) for points in by_seed.values()]
+
+
+def reference_curve(source: str, task: str) -> tuple[list[float], list[float], list[float]] | None:
+    """Mean and std over seeds of a published curve (see reference_curves/README.md), or None."""
+    seeds = _reference_seeds(source, task)
+    if seeds is None:
+        return None
     import numpy as np
 
-    grid = np.linspace(0, min(max(s for s, _ in c) for c in by_seed.values()), 60)
-    ys = np.array([np.interp(grid, *zip(*sorted(c))) for c in by_seed.values()])
+    grid = np.linspace(0, min(c[-1][0] for c in seeds), 60)
+    ys = np.array([np.interp(grid, *zip(*c)) for c in seeds])
     return grid.tolist(), ys.mean(0).tolist(), ys.std(0).tolist()
+
+
+def window_mean(points: list[tuple[int, float]], lo: float, hi: float) -> float | None:
+    """Mean eval return over the evaluations at lo <= env steps <= hi (None if there are none):
+    one seed's figure over a stretch of its curve, steadier than its last point."""
+    inside = [r for s, r in points if lo <= s <= hi]
+    return sum(inside) / len(inside) if inside else None
+
+
+def reference_window_mean(source: str, task: str, steps: list[float]
+                          ) -> tuple[float, float, int] | None:
+    """Mean and std over a published curve's seeds of each seed's mean return at ``steps``
+    (linearly interpolated: the published evaluations fall on other steps), and its number of
+    seeds; None when there is no such curve or ``steps`` reach past its end."""
+    seeds = _reference_seeds(source, task)
+    if seeds is None or not steps or max(steps) > min(c[-1][0] for c in seeds):
+        return None
+    import numpy as np
+
+    per_seed = np.array([np.interp(steps, *zip(*c)).mean() for c in seeds])
+    return float(per_seed.mean()), float(per_seed.std()), len(per_seed)
+
+
+def format_window(curves: list[tuple[str, list[tuple[int, float]]]], lo: float, hi: float,
+                  references: list[str], task: str | None) -> str:
+    """The table of ``mbpo compare --window``: each run's mean over the window, their mean, and
+    the published curves' (std over seeds) at the same env steps."""
+    rows = []
+    means = []
+    for label, points in curves:
+        m = window_mean(points, lo, hi)
+        n = sum(lo <= s <= hi for s, _ in points)
+        rows.append((label, str(n), "-" if m is None else f"{m:.1f}"))
+        if m is not None:
+            means.append(m)
+    if len(means) > 1:
+        avg = sum(means) / len(means)
+        std = (sum((m - avg) ** 2 for m in means) / len(means)) ** 0.5
+        rows.append((f"mean over the {len(means)} runs", "", f"{avg:.1f} +- {std:.1f}"))
+    steps = sorted({s for _, points in curves for s, _ in points if lo <= s <= hi})
+    for source in references:
+        ref = reference_window_mean(source, task, steps) if task else None
+        if ref is not None:
+            rows.append((f"{source} (published, {task.split('-')[0]}, {ref[2]} seeds)", "",
+                         f"{ref[0]:.1f} +- {ref[1]:.1f}"))
+    head = ("run", "evaluations", "mean eval return")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    fmt = f"{{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:>{widths[2]}}}"
+    return "\n".join([f"mean eval return over {lo:g} to {hi:g} env steps", fmt.format(*head)]
+                     + [fmt.format(*r) for r in rows])
 
 
 def plot_curves(curves: list[tuple[str, list[tuple[int, float]]]], out: Path,

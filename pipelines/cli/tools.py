@@ -39,6 +39,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     cp.add_argument("--reference", nargs="*", default=[], choices=["mbpo", "sac"],
                     help="also plot published curves (mean +- std over seeds) for the runs' task")
+    cp.add_argument("--window", nargs=2, type=argtypes.env_steps, metavar=("LO", "HI"),
+                    help="also print each run's mean eval return over LO to HI env steps, their "
+                         "mean, and the --reference curves' over the same steps")
     cp.add_argument("--experiment", default="mbpo")
     cp.add_argument("--tracking-uri", type=argtypes.tracking_uri, default=None)
     cp.add_argument("--stack", nargs="?", const=DEFAULT_STACK_DIR, default=None, metavar="DIR")
@@ -124,8 +127,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mbpo_core.tracking import eval_curve
 
-    from ..compare import local_curve, plot_curves
+    from ..compare import format_window, local_curve, plot_curves
 
+    if args.window and args.window[0] > args.window[1]:
+        raise ConfigError(f"--window {args.window[0]} {args.window[1]}: allowed LO <= HI")
     _use_stack(args)
     uri = None
     curves = []
@@ -141,6 +146,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         log.warning("runs of several tasks: no reference curves drawn")
     path = plot_curves(curves, args.output, args.reference, task)
     print(f"wrote {path}")
+    if args.window:
+        print(format_window(curves, *args.window, args.reference, task))
     return 0
 
 
