@@ -189,7 +189,8 @@ def main() -> None:
                     r["s_per_1000"] = round_s * 1000 / STEPS_PER_ROUND
                 results.setdefault(str(size), {}).setdefault(name, []).append(r)
                 print(f"{size:>7} {name:<7} {r['s_per_1000']:7.0f} s/1000 steps  (k={r['rollout_length']}, "
-                      f"fit {r['fit_epochs']} epochs at {r['fit_s_per_epoch']:.2f} s, holdout mse {r['elite_holdout_mse']:.4f}, "
+                      f"fit {r['fit_epochs']} epochs at {r['fit_s_per_epoch']:.2f} s, "
+                      f"holdout mse {r['elite_holdout_mse']:.4f}, "
                       f"critic loss {r['sac']['critic_loss']:.3f}; " + ", ".join(
                           f"{k} {v:.1f}" for k, v in r["round_s"].items()) + ")", flush=True)
     print("\nmedians, s per 1,000 env steps:")
