@@ -17,8 +17,13 @@ def format_table(rows: list[dict]) -> str:
               "-" if r["last_return"] is None else f"{r['last_return']:.1f}",
               "-" if r["best_return"] is None else f"{r['best_return']:.1f}",
               f"{r['wall_s'] / 60:.1f} min", r["status"]] for r in rows]
+    return _columns(head, lines)
+
+
+def _columns(head: list[str], lines: list[list[str]], right: tuple[int, ...] = ()) -> str:
+    """A plain-text table: a header, a rule, and the lines; columns in ``right`` right-aligned."""
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    fmt = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
                      + [fmt.format(*line) for line in lines])
 
@@ -105,24 +110,21 @@ def format_window(curves: list[tuple[str, list[tuple[int, float]]]], lo: float, 
     for label, points in curves:
         m = window_mean(points, lo, hi)
         n = sum(lo <= s <= hi for s, _ in points)
-        rows.append((label, str(n), "-" if m is None else f"{m:.1f}"))
+        rows.append([label, str(n), "-" if m is None else f"{m:.1f}"])
         if m is not None:
             means.append(m)
     if len(means) > 1:
         avg = sum(means) / len(means)
         std = (sum((m - avg) ** 2 for m in means) / len(means)) ** 0.5
-        rows.append((f"mean over the {len(means)} runs", "", f"{avg:.1f} +- {std:.1f}"))
+        rows.append([f"mean over the {len(means)} runs", "", f"{avg:.1f} +- {std:.1f}"])
     steps = sorted({s for _, points in curves for s, _ in points if lo <= s <= hi})
     for source in references:
         ref = reference_window_mean(source, task, steps) if task else None
         if ref is not None:
-            rows.append((f"{source} (published, {task.split('-')[0]}, {ref[2]} seeds)", "",
-                         f"{ref[0]:.1f} +- {ref[1]:.1f}"))
-    head = ("run", "evaluations", "mean eval return")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    fmt = f"{{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:>{widths[2]}}}"
-    return "\n".join([f"mean eval return over {lo:g} to {hi:g} env steps", fmt.format(*head)]
-                     + [fmt.format(*r) for r in rows])
+            rows.append([f"{source} (published, {task.split('-')[0]}, {ref[2]} seeds)", "",
+                         f"{ref[0]:.1f} +- {ref[1]:.1f}"])
+    table = _columns(["run", "evaluations", "mean eval return"], rows, right=(1, 2))
+    return f"mean eval return over {lo:g} to {hi:g} env steps\n{table}"
 
 
 def plot_curves(curves: list[tuple[str, list[tuple[int, float]]]], out: Path,
